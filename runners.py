@@ -1,0 +1,631 @@
+"""Device mesh, model and inference runners, and sampling for Grok-1.
+
+`ModelRunner` owns the model's parameters on a device mesh: it builds the
+mesh from the devices present, shards the parameters by the partition rules
+in `model.py`, and compiles prefill and decode. `InferenceRunner` turns
+requests into completions: it tokenizes, batches, prefills the KV cache,
+samples token by token and stops at EOS or the length limit.
+`sample_from_model` keeps the call of xAI's `run.py`.
+"""
+
+import dataclasses
+import functools
+import logging
+import math
+import time
+from typing import Callable, Generator, Iterable, Optional, Sequence
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import checkpoint
+from model import (
+    LanguageModelConfig,
+    LanguageModelOutput,
+    Memory,
+    QuantizedWeight8bit,
+    init_memory,
+    partition_spec_for,
+)
+
+logger = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "model")
+
+# Prompt lengths are padded up to one of these sizes (capped at the model's
+# context), so that prefill compiles once per bucket, not once per length.
+DEFAULT_PAD_SIZES = tuple(2**i for i in range(5, 14))  # 32 ... 8192
+
+# KV-cache slot and cache-length granularity for the decode compile.
+CACHE_LEN_MULTIPLE = 128
+
+
+# ----------------------------------------------------------------------------
+# Requests and sampling settings
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Request:
+    """One prompt to complete, with its sampling settings.
+
+    prompt: the text; ignored when `prompt_ids` is given.
+    temperature: divides the logits before sampling; 0 means greedy argmax.
+    nucleus_p: top-p; sample from the smallest set of tokens whose
+        probability adds up to at least this (1.0 keeps all).
+    rng_seed: seed of this request's random draws, independent of the
+        other requests in the batch.
+    max_len: maximum number of new tokens.
+    top_k: sample from the `top_k` most likely tokens only (0 keeps all).
+    stop_at_eos: end the completion at the EOS token (which is included).
+    """
+
+    prompt: str = ""
+    temperature: float = 1.0
+    nucleus_p: float = 1.0
+    rng_seed: int = 0
+    max_len: int = 100
+    top_k: int = 0
+    prompt_ids: Optional[Sequence[int]] = None
+    stop_at_eos: bool = True
+
+
+@dataclasses.dataclass
+class Completion:
+    """The result of one request.
+
+    token_ids: the new tokens, EOS included when it ended the completion.
+    logprobs: log-probability of each new token under the model, before
+        temperature, top-k and top-p.
+    stop_reason: "eos", "max_len" or "context" (the context was full).
+    """
+
+    prompt_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]
+    text: Optional[str]
+    stop_reason: str
+
+
+def validate_sampling(request: Request) -> None:
+    """Raise ValueError naming the first invalid sampling setting of `request`."""
+    if not (math.isfinite(request.temperature) and request.temperature >= 0):
+        raise ValueError(
+            f"temperature={request.temperature} is invalid: use 0 for greedy decoding "
+            "or a positive number"
+        )
+    if not (0.0 < request.nucleus_p <= 1.0):
+        raise ValueError(f"top-p (nucleus_p)={request.nucleus_p} is invalid: use a value in (0, 1]")
+    if not (isinstance(request.top_k, (int, np.integer)) and request.top_k >= 0):
+        raise ValueError(f"top_k={request.top_k} is invalid: use 0 (no limit) or a positive integer")
+    if not (isinstance(request.max_len, (int, np.integer)) and request.max_len >= 1):
+        raise ValueError(f"max_len={request.max_len} is invalid: use a positive number of tokens")
+    if not isinstance(request.rng_seed, (int, np.integer)):
+        raise ValueError(f"rng_seed={request.rng_seed!r} is invalid: use an integer")
+
+
+def sample_tokens(
+    logits: jax.Array,
+    temperature: jax.Array,
+    top_p: jax.Array,
+    top_k: jax.Array,
+    keys: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """Draw one token per row of `logits` float32 `[batch, vocab]`.
+
+    temperature, top_p: float32 [batch]; top_k: int32 [batch] (0 = no limit);
+    keys: [batch] PRNG keys. Rows with temperature 0 take the argmax.
+    Returns the tokens int32 `[batch]` and their log-probabilities float32
+    `[batch]` under the unmodified logits.
+    """
+    vocab = logits.shape[-1]
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    safe_temperature = jnp.where(temperature > 0, temperature, 1.0)
+    scaled = logits / safe_temperature[:, None]
+
+    # Sort once, best first: [batch, vocab]
+    order = jnp.argsort(-scaled, axis=-1)
+    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+    rank = jnp.arange(vocab)[None, :]
+
+    # Top-k: keep the first k ranks.
+    k = jnp.where(top_k > 0, top_k, vocab)
+    keep = rank < k[:, None]
+
+    # Top-p: keep a token while the probability mass before it is below top_p,
+    # measured after top-k, so the best token is always kept.
+    probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep &= mass_before < top_p[:, None]
+
+    choice = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, sorted_logits, -jnp.inf))
+    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+    tokens = jnp.where(temperature > 0, sampled, greedy)
+    token_logprobs = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    return tokens, token_logprobs
+
+
+def _step_keys(seeds: jax.Array, step: jax.Array) -> jax.Array:
+    """Return one PRNG key per row, from the row's seed `[batch]` and the step number."""
+    return jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(seed), step))(seeds)
+
+
+# ----------------------------------------------------------------------------
+# Mesh and parameter sharding
+# ----------------------------------------------------------------------------
+
+
+def make_mesh(
+    local_mesh_config: Optional[tuple[int, int]] = None,
+    between_hosts_config: Optional[tuple[int, int]] = None,
+) -> Mesh:
+    """Build a `('data', 'model')` mesh over all devices of all processes.
+
+    local_mesh_config: (data, model) sizes within one process; default
+        (1, local device count): tensor parallelism over the local devices.
+    between_hosts_config: (data, model) sizes across processes; default
+        (process count, 1): one data-parallel row per process.
+    """
+    num_local = jax.local_device_count()
+    num_processes = jax.process_count()
+    if local_mesh_config is None:
+        local_mesh_config = (1, num_local)
+    if between_hosts_config is None:
+        between_hosts_config = (num_processes, 1)
+    local_mesh_config = tuple(int(n) for n in local_mesh_config)
+    between_hosts_config = tuple(int(n) for n in between_hosts_config)
+
+    if math.prod(local_mesh_config) != num_local:
+        raise ValueError(
+            f"local_mesh_config={local_mesh_config} needs {math.prod(local_mesh_config)} "
+            f"devices per process, but this process has {num_local} "
+            f"({jax.local_devices()[0].platform}); pass sizes whose product is {num_local}, "
+            "or None to use all local devices for the model axis"
+        )
+    if math.prod(between_hosts_config) != num_processes:
+        raise ValueError(
+            f"between_hosts_config={between_hosts_config} needs "
+            f"{math.prod(between_hosts_config)} processes, but {num_processes} are running"
+        )
+
+    if num_processes == 1:
+        devices = mesh_utils.create_device_mesh(local_mesh_config, jax.devices())
+    else:
+        devices = mesh_utils.create_hybrid_device_mesh(
+            local_mesh_config, between_hosts_config, jax.devices(), process_is_granule=True
+        )
+    mesh = Mesh(devices, MESH_AXES)
+    logger.info("Device mesh %s over %d %s devices", dict(mesh.shape), mesh.size, mesh.devices.flat[0].platform)
+    return mesh
+
+
+def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+    """Drop the mesh axes of `spec` that do not evenly divide the dimension they split."""
+    fitted = []
+    for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        axes = (axis,) if isinstance(axis, str) else (axis or ())
+        size = math.prod(mesh.shape[a] for a in axes)
+        fitted.append(axis if axes and dim % size == 0 else None)
+    return P(*fitted)
+
+
+def _path_string(path) -> str:
+    return "/".join(str(getattr(key, "key", key)) for key in path)
+
+
+def param_shardings(params_shape, mesh: Mesh):
+    """Return a tree of `NamedSharding`s matching `params_shape` (QuantizedWeight8bit leaves kept)."""
+
+    def sharding_for(path, leaf):
+        name = _path_string(path)
+        if isinstance(leaf, QuantizedWeight8bit):
+            weight_spec = fit_spec(partition_spec_for(name), leaf.weight.shape, mesh)
+            scales_spec = fit_spec(partition_spec_for(name, weight=False), leaf.scales.shape, mesh)
+            return QuantizedWeight8bit(
+                weight=NamedSharding(mesh, weight_spec), scales=NamedSharding(mesh, scales_spec)
+            )
+        return NamedSharding(mesh, fit_spec(partition_spec_for(name), leaf.shape, mesh))
+
+    return jax.tree_util.tree_map_with_path(
+        sharding_for, params_shape, is_leaf=lambda x: isinstance(x, QuantizedWeight8bit)
+    )
+
+
+def memory_shardings(memory_shape: Memory, mesh: Mesh) -> Memory:
+    """Shard the KV cache `[batch, cache_len, kv_heads, key_size]` by batch and KV head."""
+
+    def sharding_for(leaf):
+        spec = P("data", None, "model", None) if leaf.ndim == 4 else P("data", None)
+        return NamedSharding(mesh, fit_spec(spec, leaf.shape, mesh))
+
+    return jax.tree_util.tree_map(sharding_for, memory_shape)
+
+
+def _put_global(host_array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """Place a host array that every process holds in full onto `sharding`."""
+    return jax.make_array_from_callback(host_array.shape, sharding, lambda index: host_array[index])
+
+
+# ----------------------------------------------------------------------------
+# Model runner
+# ----------------------------------------------------------------------------
+
+
+def default_activation_dtype(config: LanguageModelConfig) -> jnp.dtype:
+    """Return float32 on CPU and the config's `fprop_dtype` elsewhere.
+
+    XLA:CPU keeps most of the reference's nominally bfloat16 intermediates in
+    float32 and runs bfloat16 matrix products slowly, so on CPU float32
+    activations are both closer to the reference's outputs and faster.
+    Weights are bfloat16 values either way.
+    """
+    return jnp.dtype(jnp.float32) if jax.default_backend() == "cpu" else config.fprop_dtype
+
+
+@dataclasses.dataclass
+class ModelRunner:
+    """The model's parameters on a mesh, and its compiled prefill and decode steps.
+
+    model: the model's configuration.
+    bs_per_device: batch size per device, as in xAI's runner; it caps the
+        batch at `ceil(bs_per_device * devices)`. None: no cap.
+    checkpoint_path: the checkpoint to load; see `checkpoint.resolve_checkpoint_dir`.
+    activation_dtype: dtype of the activations; None picks
+        `default_activation_dtype`.
+    """
+
+    model: LanguageModelConfig
+    bs_per_device: Optional[float] = None
+    checkpoint_path: Optional[str] = None
+    activation_dtype: Optional[object] = None
+    kv_cache_dtype: object = jnp.bfloat16
+
+    def __post_init__(self):
+        self.mesh: Optional[Mesh] = None
+        self.params = None
+
+    def initialize(self, mesh: Mesh) -> None:
+        """Compile-ready state for `mesh`: shapes and shardings of the parameters."""
+        self.mesh = mesh
+        dtype = self.activation_dtype or default_activation_dtype(self.model)
+        self.config = dataclasses.replace(self.model, fprop_dtype=dtype)
+        self.transformed = hk.transform(lambda *args, **kw: self.config.make()(*args, **kw))
+        self.params_shape = jax.eval_shape(
+            self.transformed.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32)
+        )
+        self.params_sharding = param_shardings(self.params_shape, mesh)
+        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(2,))
+        self._decode = jax.jit(self._decode_fn, donate_argnums=(2,))
+
+    @property
+    def max_batch_size(self) -> Optional[int]:
+        if self.bs_per_device is None:
+            return None
+        return max(1, math.ceil(self.bs_per_device * self.mesh.size))
+
+    def load_or_init(self, rng_seed: int = 0, load: Optional[str] = None):
+        """Load the parameters from `load` (or `checkpoint_path`), or initialize random ones."""
+        path = load or self.checkpoint_path
+        if path:
+            self.params = checkpoint.load_checkpoint(
+                path, self.params_shape, self.params_sharding
+            )
+        else:
+            logger.warning("No checkpoint given: initializing random weights")
+            init = jax.jit(self.transformed.init, out_shardings=self.params_sharding)
+            self.params = init(jax.random.key(rng_seed), jnp.zeros((1, 1), jnp.int32))
+        return self.params
+
+    # The functions below are traced under jit.
+
+    def _forward(self, params, tokens, positions, memory, readout):
+        return self.transformed.apply(params, None, tokens, positions, memory, readout)
+
+    def _prefill_fn(self, params, tokens, memory, lengths, sampling):
+        """Run the padded prompts `tokens` `[batch, seq]` into `memory`, sample the first tokens."""
+        batch, seq = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        out: LanguageModelOutput = self._forward(params, tokens, positions, memory, lengths - 1)
+        next_tokens, logprobs = self._sample(out.logits, sampling, jnp.int32(0))
+        return next_tokens, logprobs, out.memory
+
+    def _decode_fn(self, params, tokens, memory, positions, sampling, step):
+        """Append `tokens` `[batch]` at `positions` `[batch]` and sample the next tokens."""
+        out = self._forward(params, tokens[:, None], positions[:, None], memory, None)
+        next_tokens, logprobs = self._sample(out.logits[:, 0], sampling, step)
+        return next_tokens, logprobs, out.memory
+
+    def _sample(self, logits, sampling, step):
+        temperature, top_p, top_k, seeds = sampling
+        return sample_tokens(logits, temperature, top_p, top_k, _step_keys(seeds, step))
+
+    # Host-side entry points.
+
+    def new_memory(self, batch_size: int, cache_len: int) -> Memory:
+        """Return an empty, sharded KV cache."""
+        shape = jax.eval_shape(
+            lambda: init_memory(self.config, batch_size, cache_len, self.kv_cache_dtype)
+        )
+        shardings = memory_shardings(shape, self.mesh)
+        make = jax.jit(
+            lambda: init_memory(self.config, batch_size, cache_len, self.kv_cache_dtype),
+            out_shardings=shardings,
+        )
+        return make()
+
+    def logits(self, tokens: np.ndarray) -> np.ndarray:
+        """Return the float32 logits `[batch, seq, vocab]` of one forward over `tokens` (no cache)."""
+        tokens = np.asarray(tokens, np.int32)
+        batch_sharding = NamedSharding(self.mesh, fit_spec(P("data", None), tokens.shape, self.mesh))
+        forward = jax.jit(
+            lambda params, tokens: self._forward(params, tokens, None, None, None).logits,
+            out_shardings=NamedSharding(self.mesh, P()),
+        )
+        return np.asarray(forward(self.params, _put_global(tokens, batch_sharding)))
+
+
+# ----------------------------------------------------------------------------
+# Inference runner
+# ----------------------------------------------------------------------------
+
+
+def bucket_size(length: int, pad_sizes: Iterable[int], limit: int) -> int:
+    """Return the smallest of `pad_sizes` (then powers of two) that holds `length`, capped at `limit`."""
+    for size in sorted(set(pad_sizes) | set(DEFAULT_PAD_SIZES)):
+        if size >= length:
+            return min(size, limit)
+    return limit
+
+
+TokenCallback = Callable[[int, int], None]
+
+
+@dataclasses.dataclass
+class InferenceRunner:
+    """Serves requests from a `ModelRunner`: tokenizes, batches and generates.
+
+    The constructor arguments are those of xAI's runner. `load` is the
+    checkpoint directory; `tokenizer_path` may be None when requests carry
+    `prompt_ids`. `local_mesh_config` and `between_hosts_config` are the
+    (data, model) sizes of the mesh within and across processes; None uses
+    every device for the model axis.
+    """
+
+    runner: ModelRunner
+    name: str = "local"
+    load: Optional[str] = None
+    tokenizer_path: Optional[str] = None
+    local_mesh_config: Optional[tuple[int, int]] = None
+    between_hosts_config: Optional[tuple[int, int]] = None
+    pad_sizes: tuple[int, ...] = DEFAULT_PAD_SIZES
+
+    def initialize(self, mesh: Optional[Mesh] = None) -> None:
+        """Load the tokenizer, build the mesh (unless given) and load the parameters."""
+        self.tokenizer = load_tokenizer(self.tokenizer_path) if self.tokenizer_path else None
+        self.mesh = mesh or make_mesh(self.local_mesh_config, self.between_hosts_config)
+        self.runner.initialize(self.mesh)
+        start = time.perf_counter()
+        self.runner.load_or_init(load=self.load)
+        logger.info("Parameters ready in %.1f s", time.perf_counter() - start)
+
+    @property
+    def config(self) -> LanguageModelConfig:
+        return self.runner.config
+
+    def encode(self, request: Request) -> list[int]:
+        """Return the prompt's token ids, validated against the model."""
+        config = self.config
+        if request.prompt_ids is not None:
+            ids = [int(i) for i in request.prompt_ids]
+        elif self.tokenizer is None:
+            raise ValueError("a text prompt needs a tokenizer: pass tokenizer_path, or give prompt_ids")
+        else:
+            ids = self.tokenizer.encode(request.prompt)
+
+        if not ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        bad = [i for i in ids if not config.pad_token < i < config.vocab_size]
+        if bad:
+            raise ValueError(
+                f"prompt token ids {bad[:8]} are outside {config.pad_token + 1}.."
+                f"{config.vocab_size - 1} (id {config.pad_token} is padding)"
+            )
+        if len(ids) >= config.sequence_len:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens, but the context holds {config.sequence_len} "
+                f"including at least one new token: shorten it to at most "
+                f"{config.sequence_len - 1} tokens"
+            )
+        return ids
+
+    def decode_text(self, ids: Sequence[int]) -> Optional[str]:
+        return None if self.tokenizer is None else self.tokenizer.decode(list(ids))
+
+    def generate(
+        self, requests: Sequence[Request], on_token: Optional[TokenCallback] = None
+    ) -> list[Completion]:
+        """Complete every request; `on_token(request_index, token_id)` sees each new token.
+
+        All requests are checked before any compute. They run in batches of
+        at most `runner.max_batch_size`, each request with its own sampling
+        settings and random stream.
+        """
+        for request in requests:
+            validate_sampling(request)
+        prompts = [self.encode(request) for request in requests]
+
+        completions: list[Completion] = []
+        batch_size = self.runner.max_batch_size or len(requests)
+        for start in range(0, len(requests), batch_size):
+            chunk = range(start, min(start + batch_size, len(requests)))
+            callback = None
+            if on_token is not None:
+                callback = functools.partial(_offset_callback, on_token, start)
+            completions += self._generate_batch(
+                [requests[i] for i in chunk], [prompts[i] for i in chunk], callback
+            )
+        return completions
+
+    def _generate_batch(
+        self,
+        requests: Sequence[Request],
+        prompts: Sequence[list[int]],
+        on_token: Optional[TokenCallback],
+    ) -> list[Completion]:
+        config = self.config
+        runner = self.runner
+        mesh = self.mesh
+        num_real = len(requests)
+
+        # Pad the batch to a multiple of the data axis with 1-token dummy rows.
+        data_size = mesh.shape["data"]
+        batch = -(-num_real // data_size) * data_size
+        lengths = [len(p) for p in prompts] + [1] * (batch - num_real)
+        max_new = [r.max_len for r in requests] + [1] * (batch - num_real)
+
+        context = config.sequence_len
+        seq = bucket_size(max(lengths), self.pad_sizes, context)
+        needed = max(length + new for length, new in zip(lengths, max_new))
+        cache_len = min(context, -(-max(needed, seq) // CACHE_LEN_MULTIPLE) * CACHE_LEN_MULTIPLE)
+        cache_len = max(cache_len, seq)
+        for request, length in zip(requests, lengths):
+            if length + request.max_len > context:
+                logger.warning(
+                    "prompt of %d tokens + max_len %d exceeds the context of %d tokens: "
+                    "generating at most %d tokens",
+                    length, request.max_len, context, context - length,
+                )
+
+        tokens = np.zeros((batch, seq), np.int32)
+        for row, prompt in enumerate(prompts):
+            tokens[row, : len(prompt)] = prompt
+        tokens[num_real:, 0] = config.eos_token
+
+        def settings(field, default, dtype):
+            values = [getattr(r, field) for r in requests] + [default] * (batch - num_real)
+            return np.asarray(values, dtype)
+
+        row_sharding = NamedSharding(mesh, fit_spec(P("data"), (batch,), mesh))
+        put_rows = functools.partial(_put_global, sharding=row_sharding)
+        sampling = tuple(
+            put_rows(settings(field, default, dtype))
+            for field, default, dtype in (
+                ("temperature", 0.0, np.float32),
+                ("nucleus_p", 1.0, np.float32),
+                ("top_k", 0, np.int32),
+                ("rng_seed", 0, np.uint32),
+            )
+        )
+
+        logger.info(
+            "Prefill: %d prompt(s), longest %d tokens, padded to %d; KV cache of %d slots",
+            num_real, max(lengths[:num_real]), seq, cache_len,
+        )
+        memory = runner.new_memory(batch, cache_len)
+        token_sharding = NamedSharding(mesh, fit_spec(P("data", None), tokens.shape, mesh))
+        next_tokens, logprobs, memory = runner._prefill(
+            runner.params,
+            _put_global(tokens, token_sharding),
+            memory,
+            put_rows(np.asarray(lengths, np.int32)),
+            sampling,
+        )
+
+        generated = [[] for _ in range(num_real)]
+        token_logprobs = [[] for _ in range(num_real)]
+        stop_reason: list[Optional[str]] = [None] * num_real
+        positions = np.asarray(lengths, np.int32)
+        for step in range(1, max(max_new) + 1):
+            host_tokens = np.asarray(jax.device_get(next_tokens))
+            host_logprobs = np.asarray(jax.device_get(logprobs))
+            for row in range(num_real):
+                if stop_reason[row] is not None:
+                    continue
+                token = int(host_tokens[row])
+                generated[row].append(token)
+                token_logprobs[row].append(float(host_logprobs[row]))
+                if on_token is not None:
+                    on_token(row, token)
+                stop_reason[row] = self._stop_reason(requests[row], token, generated[row], positions[row])
+            if all(reason is not None for reason in stop_reason):
+                break
+
+            next_tokens, logprobs, memory = runner._decode(
+                runner.params,
+                put_rows(host_tokens.astype(np.int32)),
+                memory,
+                put_rows(positions),
+                sampling,
+                jnp.int32(step),
+            )
+            positions = np.minimum(positions + 1, cache_len - 1)
+
+        return [
+            Completion(
+                prompt_ids=list(prompts[row]),
+                token_ids=generated[row],
+                logprobs=token_logprobs[row],
+                text=self.decode_text(generated[row]),
+                stop_reason=stop_reason[row],
+            )
+            for row in range(num_real)
+        ]
+
+    def _stop_reason(self, request: Request, token: int, generated: list[int], position: int):
+        """Return why the completion ends after `token` at cache slot `position`, or None."""
+        if request.stop_at_eos and token == self.config.eos_token:
+            return "eos"
+        if len(generated) >= request.max_len:
+            return "max_len"
+        if position + 1 >= self.config.sequence_len:
+            return "context"
+        return None
+
+    def run(self) -> Generator[Optional[str], Request, None]:
+        """A generator that takes `Request`s and returns their text, as in xAI's runner.
+
+        Prime it with `next()`, then `send(request)` returns the completion's text.
+        """
+        text: Optional[str] = None
+        while True:
+            request = yield text
+            if request is None:
+                continue
+            completion = self.generate([request])[0]
+            text = completion.text if completion.text is not None else str(completion.token_ids)
+
+
+def _offset_callback(on_token: TokenCallback, offset: int, row: int, token: int) -> None:
+    on_token(offset + row, token)
+
+
+def load_tokenizer(path: str):
+    """Load a SentencePiece model, with a clear error where the file is missing."""
+    import os
+
+    import sentencepiece
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"tokenizer not found at {path!r}: download tokenizer.model from xAI's GitHub "
+            "repository xai-org/grok-1 (it is not in the Hugging Face weights repository) "
+            "and pass its path"
+        )
+    return sentencepiece.SentencePieceProcessor(model_file=path)
+
+
+def sample_from_model(server, prompt: str, max_len: int, temperature: float) -> str:
+    """Return the completion of `prompt` from `InferenceRunner.run()`, as xAI's helper does."""
+    next(server)
+    request = Request(
+        prompt=prompt, temperature=temperature, nucleus_p=1.0, rng_seed=42, max_len=max_len
+    )
+    return server.send(request)
