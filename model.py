@@ -24,6 +24,7 @@ matrix products accumulated in float32.
 """
 
 import dataclasses
+import functools
 import math
 from typing import NamedTuple, Optional, Sequence
 
@@ -45,8 +46,17 @@ MASK_VALUE = -1e30
 # chosen experts, on int8 weights; the default.
 MOE_IMPLS = ("sparse", "dense")
 
-# Rows per grouped-matmul tile of the sparse MoE (see `sparse_moe`).
+# Rows per grouped-matmul tile of the sparse MoE (see `grouped_experts`), and
+# the number of (token, expert) assignments up to which each one runs alone
+# on its expert's weights instead (see `sparse_moe`).
 MOE_TILE_ROWS = 64
+MOE_GATHER_MAX_ROWS = 4
+
+# Size of the widened weight chunk that `expert_matmul` multiplies at a time.
+# On XLA:CPU, widening a whole expert matrix at once made batch-1 decoding
+# about 7 times slower than 4 MB chunks (bench/moe.py, 2-core x86 VM).
+# NOTE: not measured on GPU or TPU, where one fused product may be faster.
+EXPERT_CHUNK_BYTES = 4 << 20
 
 
 def ffn_size(emb_size: int, widening_factor: float) -> int:
@@ -141,6 +151,11 @@ class TransformerConfig:
     model_axis: str | tuple[str, ...] = "model"
     # Not in the reference: which MoE implementation runs, see `MOE_IMPLS`.
     moe_impl: str = "sparse"
+    # Not in the reference: attention runs over blocks of this many queries,
+    # so its float32 logits are [batch, heads, block, keys] rather than
+    # [batch, heads, seq, keys]; 0 computes all queries at once. The result
+    # does not depend on it (each query's softmax sees only its own row).
+    attn_query_block: int = 512
 
     def __post_init__(self):
         if self.num_q_heads % self.num_kv_heads:
@@ -155,6 +170,11 @@ class TransformerConfig:
             )
         if self.moe_impl not in MOE_IMPLS:
             raise ValueError(f"moe_impl={self.moe_impl!r} is not one of {MOE_IMPLS}")
+        if not (isinstance(self.attn_query_block, int) and self.attn_query_block >= 0):
+            raise ValueError(
+                f"attn_query_block={self.attn_query_block!r} is invalid: use a positive "
+                "number of queries, or 0 for no blocking"
+            )
 
     @property
     def ffn_size(self) -> int:
@@ -359,6 +379,48 @@ def apply_rope(x: jax.Array, positions: jax.Array) -> jax.Array:
     return (x * jnp.cos(phase) + rotated * jnp.sin(phase)).astype(x.dtype)
 
 
+def attend(q, k, v, mask, multiplier: float, dtype) -> jax.Array:
+    """Attend from `q` over `k` and `v`: soft-capped, masked softmax in float32.
+
+    q: [batch, seq, kv_heads, group, key_size]; k, v: [batch, keys, kv_heads, key_size];
+    mask: [batch, seq, keys], True where a query may attend to a key.
+    Returns [batch, seq, kv_heads, group, key_size] in `dtype`.
+    """
+    # [batch, kv_heads, group, seq, keys], float32
+    logits = einsum("btngd,bsnd->bngts", q, k)
+    logits = logits * multiplier
+    logits = ATTENTION_SOFT_CAP * jnp.tanh(logits / ATTENTION_SOFT_CAP)
+    logits = jnp.where(mask[:, None, None, :, :], logits, MASK_VALUE)
+    weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
+    return einsum("bngts,bsnd->btngd", weights, v).astype(dtype)
+
+
+def blocked_attend(q, k, v, mask, multiplier: float, dtype, block: int) -> jax.Array:
+    """`attend` over blocks of `block` queries, one block after another; same arguments and result.
+
+    Only one block's float32 logits `[batch, kv_heads, group, block, keys]`
+    are live at a time. The queries are padded to a multiple of `block` with
+    rows that attend to nothing, and those rows are dropped from the result.
+    """
+    batch, seq = q.shape[:2]
+    if block <= 0 or seq <= block:
+        return attend(q, k, v, mask, multiplier, dtype)
+
+    num_blocks = -(-seq // block)
+    pad = num_blocks * block - seq
+    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
+    mask = jnp.pad(mask, ((0, 0), (0, pad), (0, 0)))
+
+    # [num_blocks, batch, block, ...]
+    q_blocks = jnp.moveaxis(q.reshape(batch, num_blocks, block, *q.shape[2:]), 1, 0)
+    mask_blocks = jnp.moveaxis(mask.reshape(batch, num_blocks, block, mask.shape[-1]), 1, 0)
+    out = jax.lax.map(
+        lambda blocks: attend(blocks[0], k, v, blocks[1], multiplier, dtype), (q_blocks, mask_blocks)
+    )
+    out = jnp.moveaxis(out, 0, 1).reshape(batch, num_blocks * block, *out.shape[3:])
+    return out[:, :seq]
+
+
 class MultiHeadAttention(hk.Module):
     """Grouped-query attention with RoPE, soft-capped logits and an optional KV cache."""
 
@@ -403,15 +465,10 @@ class MultiHeadAttention(hk.Module):
             kv_memory = KVMemory(k=k, v=v)
             k, v = k.astype(x.dtype), v.astype(x.dtype)
 
-        # [batch, kv_heads, group, seq, keys], float32
-        logits = einsum("btngd,bsnd->bngts", q, k)
-        logits = logits * config.attn_output_multiplier
-        logits = ATTENTION_SOFT_CAP * jnp.tanh(logits / ATTENTION_SOFT_CAP)
-        logits = jnp.where(mask[:, None, None, :, :], logits, MASK_VALUE)
-        weights = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
-
-        out = einsum("bngts,bsnd->btngd", weights, v)
-        out = out.astype(x.dtype).reshape(batch, seq, config.num_q_heads * key_size)
+        out = blocked_attend(
+            q, k, v, mask, config.attn_output_multiplier, x.dtype, config.attn_query_block
+        )
+        out = out.reshape(batch, seq, config.num_q_heads * key_size)
         out = Linear(config.emb_size, row_blocks=ROW_BLOCKS, name="linear")(out)
         return out, kv_memory
 
@@ -466,7 +523,9 @@ class MoELayer(hk.Module):
         w_up = _ExpertWeight(name="linear_v")((experts, emb, ffn), 1)
         if config.moe_impl == "dense":
             return dense_moe(x, gates, expert_index, w_gate, w_up, w_down, experts)
-        return sparse_moe(x, gates, expert_index, w_gate, w_up, w_down, experts)
+        return sharded_sparse_moe(
+            x, gates, expert_index, w_gate, w_up, w_down, experts, config.data_axis, config.model_axis
+        )
 
 
 def dense_moe(x, gates, expert_index, w_gate, w_up, w_down, num_experts: int) -> jax.Array:
@@ -499,38 +558,151 @@ def expert_matmul(x: jax.Array, w, expert: jax.Array) -> jax.Array:
 
     x: [rows, in]; w: QuantizedWeight8bit with weight int8 [experts, in, out]
     and scales [experts, row_blocks, out], or a plain [experts, in, out] array.
-    The int8 values enter the product as they are; each row block's partial
-    product is multiplied by its scales afterwards and the blocks are summed,
-    which equals `x @ (weight * scale)` up to float32 rounding.
+
+    The product runs block by block: each row block of the weight (one per
+    scale row) is split into column chunks of about `EXPERT_CHUNK_BYTES` once
+    widened to `x.dtype`. Each chunk's int8 values are widened, multiplied
+    and the partial product scaled by the chunk's scales. Only one chunk is
+    widened at a time, so the widened weights stay small and in cache, and
+    the result equals `x @ (weight * scale)` up to float32 rounding.
     """
-    if not isinstance(w, QuantizedWeight8bit):
-        return einsum("ti,io->to", x, jax.lax.dynamic_index_in_dim(w, expert, keepdims=False))
+    weight = w.weight if isinstance(w, QuantizedWeight8bit) else w
+    _, size_in, size_out = weight.shape
+    row_blocks = w.scales.shape[-2] if isinstance(w, QuantizedWeight8bit) else 1
+    block_rows = size_in // row_blocks
+    chunk_cols = _chunk_columns(block_rows, size_out, jnp.dtype(x.dtype).itemsize)
+    num_chunks = size_out // chunk_cols
+    rows = x.shape[0]
 
-    weight = jax.lax.dynamic_index_in_dim(w.weight, expert, keepdims=False)  # int8 [in, out]
-    scales = jax.lax.dynamic_index_in_dim(w.scales, expert, keepdims=False)  # [row_blocks, out]
-    row_blocks = scales.shape[0]
-    rows, size_in = x.shape
+    def accumulate(i, out):
+        block, chunk = i // num_chunks, i % num_chunks
+        row, col = block * block_rows, chunk * chunk_cols
+        w_chunk = jax.lax.dynamic_slice(weight, (expert, row, col), (1, block_rows, chunk_cols))[0]
+        x_block = jax.lax.dynamic_slice_in_dim(x, row, block_rows, axis=1)  # [rows, block_rows]
 
-    # [rows, row_blocks, in / row_blocks] x [row_blocks, in / row_blocks, out]
-    x_blocks = x.reshape(rows, row_blocks, size_in // row_blocks)
-    weight_blocks = weight.reshape(row_blocks, size_in // row_blocks, -1).astype(x.dtype)
-    partial = einsum("tbi,bio->tbo", x_blocks, weight_blocks)  # [rows, row_blocks, out]
-    return jnp.sum(partial * scales.astype(jnp.float32), axis=1)
+        partial = einsum("ti,io->to", x_block, w_chunk.astype(x.dtype))  # [rows, chunk_cols]
+        if isinstance(w, QuantizedWeight8bit):
+            scales = jax.lax.dynamic_slice(w.scales, (expert, block, col), (1, 1, chunk_cols))[0]
+            partial = partial * scales.astype(jnp.float32)
+
+        current = jax.lax.dynamic_slice_in_dim(out, col, chunk_cols, axis=1)
+        return jax.lax.dynamic_update_slice_in_dim(out, current + partial, col, axis=1)
+
+    out = jnp.zeros((rows, size_out), jnp.float32)
+    return jax.lax.fori_loop(0, row_blocks * num_chunks, accumulate, out)
+
+
+def _chunk_columns(rows: int, cols: int, itemsize: int) -> int:
+    """Return the largest divisor of `cols` whose `[rows, chunk]` block fits `EXPERT_CHUNK_BYTES`."""
+    best = 1
+    for chunk in range(1, cols + 1):
+        if cols % chunk == 0 and rows * chunk * itemsize <= EXPERT_CHUNK_BYTES:
+            best = chunk
+    return best
+
+
+def expert_ffn(x: jax.Array, expert: jax.Array, w_gate, w_up, w_down) -> jax.Array:
+    """Return expert `expert`'s `(gelu(x @ gate) * (x @ up)) @ down` for `x` `[rows, emb]`, float32."""
+    h = jax.nn.gelu(expert_matmul(x, w_gate, expert)) * expert_matmul(x, w_up, expert)
+    return expert_matmul(h.astype(x.dtype), w_down, expert)
 
 
 def sparse_moe(
-    x, gates, expert_index, w_gate, w_up, w_down, num_experts: int, tile_rows: int = MOE_TILE_ROWS
+    x,
+    gates,
+    expert_index,
+    w_gate,
+    w_up,
+    w_down,
+    num_experts: int,
+    tile_rows: int = MOE_TILE_ROWS,
+    gather_max_rows: int = MOE_GATHER_MAX_ROWS,
 ) -> jax.Array:
     """Run each token through its `top_k` chosen experts only; same result as `dense_moe`.
 
     x: [tokens, emb]; gates, expert_index: [tokens, top_k].
 
-    The (token, expert) assignments are sorted by expert, so each expert's
-    rows are contiguous, and processed in tiles of up to `tile_rows` rows
-    that each belong to one expert: a grouped matrix product that reads each
-    used expert's weights once per tile and skips unused experts. The loop
-    runs only as many tiles as the routing needs. A tile's rows past its
-    expert's group are computed but not written.
+    Up to `gather_max_rows` (token, expert) assignments, as in decoding at a
+    small batch, each assignment runs on its own expert's weights. Beyond
+    that, `grouped_experts` runs them as a grouped matrix product.
+    """
+    dtype = x.dtype
+    tokens, top_k = expert_index.shape
+    num_rows = tokens * top_k
+
+    if num_rows <= gather_max_rows:
+        out = jnp.stack([
+            expert_ffn(x[t][None], expert_index[t, k], w_gate, w_up, w_down)[0]
+            for t in range(tokens)
+            for k in range(top_k)
+        ]).astype(dtype)  # [rows, emb]
+    else:
+        out = grouped_experts(x, expert_index, w_gate, w_up, w_down, num_experts, tile_rows)
+
+    weighted = out.reshape(tokens, top_k, -1) * gates[..., None].astype(dtype)
+    return jnp.sum(weighted, axis=1, dtype=dtype)
+
+
+def sharded_sparse_moe(
+    x, gates, expert_index, w_gate, w_up, w_down, num_experts: int, data_axis: str, model_axis: str
+) -> jax.Array:
+    """Run `sparse_moe` on each device's shard of the experts' hidden dimension.
+
+    Under a mesh (`jax.set_mesh`) whose `model_axis` splits the hidden
+    dimension `ffn` (gate and up `[experts, emb, ffn]` by columns, down
+    `[experts, ffn, emb]` by rows), each device runs the chosen experts on
+    its `ffn / model` slice and the partial down projections are summed over
+    `model_axis`, so no device gathers another's weights. Tokens stay split
+    over `data_axis`. Without such a mesh, or where the sizes do not divide,
+    this is plain `sparse_moe` and XLA partitions it.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    plain = functools.partial(sparse_moe, num_experts=num_experts)
+    if mesh.empty or model_axis not in mesh.axis_names:
+        return plain(x, gates, expert_index, w_gate, w_up, w_down)
+
+    shards = mesh.shape[model_axis]
+    ffn = w_down.shape[-2]
+    quantized = all(isinstance(w, QuantizedWeight8bit) for w in (w_gate, w_up, w_down))
+    row_blocks = w_down.scales.shape[-2] if quantized else 1
+    blocks_divide = row_blocks % shards == 0 or shards % row_blocks == 0
+    if shards == 1 or not quantized or ffn % shards or not blocks_divide:
+        return plain(x, gates, expert_index, w_gate, w_up, w_down)
+
+    def local_moe(x, gates, expert_index, w_gate, w_up, down_weight, down_scales):
+        # down_weight: this shard's rows [experts, ffn / shards, emb]; its
+        # scale rows are the row blocks those rows fall in.
+        shard = jax.lax.axis_index(model_axis)
+        if shards <= row_blocks:
+            local_blocks = row_blocks // shards
+            scales = jax.lax.dynamic_slice_in_dim(down_scales, shard * local_blocks, local_blocks, axis=1)
+        else:
+            scales = jax.lax.dynamic_slice_in_dim(down_scales, shard // (shards // row_blocks), 1, axis=1)
+        w_down = QuantizedWeight8bit(down_weight, scales)
+        partial = plain(x, gates, expert_index, w_gate, w_up, w_down)
+        return jax.lax.psum(partial, model_axis)
+
+    data_shards = mesh.shape.get(data_axis, 1)
+    token_spec = P(data_axis) if data_shards > 1 and x.shape[0] % data_shards == 0 else P()
+    columns = QuantizedWeight8bit(P(None, None, model_axis), P(None, None, model_axis))
+    run = jax.shard_map(
+        local_moe,
+        in_specs=(token_spec, token_spec, token_spec, columns, columns, P(None, model_axis, None), P()),
+        out_specs=token_spec,
+        check_vma=False,
+    )
+    return run(x, gates, expert_index, w_gate, w_up, w_down.weight, w_down.scales)
+
+
+def grouped_experts(x, expert_index, w_gate, w_up, w_down, num_experts: int, tile_rows: int) -> jax.Array:
+    """Return every (token, expert) assignment's expert output `[tokens * top_k, emb]`.
+
+    The assignments are sorted by expert, so each expert's rows are
+    contiguous, and processed in tiles of up to `tile_rows` rows that each
+    belong to one expert: a grouped matrix product that reads each used
+    expert's weights once per tile and skips unused experts. The loop runs
+    only as many tiles as the routing needs. A tile's rows past its expert's
+    group are computed but not written.
     """
     dtype = x.dtype
     tokens, top_k = expert_index.shape
@@ -560,9 +732,7 @@ def sparse_moe(
     def run_tile(i, out):
         expert, start = tile_experts[i], tile_starts[i]
         rows = jax.lax.dynamic_slice_in_dim(x_sorted, start, tile)  # [tile, emb]
-
-        h = jax.nn.gelu(expert_matmul(rows, w_gate, expert)) * expert_matmul(rows, w_up, expert)
-        y = expert_matmul(h.astype(dtype), w_down, expert).astype(out.dtype)  # [tile, emb]
+        y = expert_ffn(rows, expert, w_gate, w_up, w_down).astype(out.dtype)  # [tile, emb]
 
         in_group = start + jnp.arange(tile) < group_starts[expert] + group_sizes[expert]
         current = jax.lax.dynamic_slice_in_dim(out, start, tile)
@@ -570,10 +740,8 @@ def sparse_moe(
 
     out_sorted = jax.lax.fori_loop(0, num_tiles, run_tile, jnp.zeros((num_rows + tile, emb), dtype))
 
-    # Back to (token, expert) order: [tokens, top_k, emb]
-    out = jnp.zeros((num_rows, emb), dtype).at[order].set(out_sorted[:num_rows])
-    weighted = out.reshape(tokens, top_k, emb) * gates[..., None].astype(dtype)
-    return jnp.sum(weighted, axis=1, dtype=dtype)
+    # Back to (token, expert) order.
+    return jnp.zeros((num_rows, emb), dtype).at[order].set(out_sorted[:num_rows])
 
 
 class DecoderLayer(hk.Module):

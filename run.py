@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -60,9 +61,112 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "reference) every expert on every token; default: the config's")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object per prompt (prompt_ids, token_ids, logprobs, text), "
-                             "running all prompts as one batch")
+                             "running all prompts as one batch; with --dry-run, one JSON object of the report")
+    parser.add_argument("--devices", type=int, default=None,
+                        help="split the CPU into this many devices (sets XLA_FLAGS="
+                             "--xla_force_host_platform_device_count), per process; the dry run compiles "
+                             "for this many devices, CPU ones where fewer accelerators are present")
+    parser.add_argument("--between-hosts", default=None, metavar="DATA,MODEL",
+                        help="mesh sizes across processes (default: PROCESS_COUNT,1, data parallel "
+                             "between processes)")
+
+    distributed = parser.add_argument_group(
+        "multi-process runs (jax.distributed); JAX_COORDINATOR_ADDRESS and the cluster variables that "
+        "jax.distributed.initialize reads (Slurm, Open MPI) work as well")
+    distributed.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                             help="address of process 0, where the coordinator service listens")
+    distributed.add_argument("--num-processes", type=int, default=None, help="number of processes")
+    distributed.add_argument("--process-id", type=int, default=None,
+                             help="this process's index, 0 to num-processes - 1")
+
+    dry_run = parser.add_argument_group(
+        "dry run: compile for a mesh without weights, checkpoint or tokenizer, and report memory per device")
+    dry_run.add_argument("--dry-run", action="store_true",
+                         help="compile prefill and decode with abstract parameters and report parameter, "
+                              "KV-cache and temporary bytes per device and compile time")
+    dry_run.add_argument("--batch", type=int, default=1, help="batch size to compile for")
+    dry_run.add_argument("--context", type=int, default=None,
+                         help="context length (KV-cache slots) to compile for; default: the model's")
+    dry_run.add_argument("--device-memory", default=None, metavar="SIZE",
+                         help="memory of one device, e.g. 80GB or 141GB (1 GB = 1e9 bytes; GiB = 2**30); "
+                              "the report says whether the peak fits")
     parser.add_argument("--log-level", default="INFO", help="logging level: DEBUG, INFO, WARNING or ERROR")
     return parser.parse_args(argv)
+
+
+# Units of --device-memory: decimal (GB = 1e9 bytes, as GPU makers count) and binary.
+SIZE_UNITS = {
+    "": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+
+
+def parse_size(text: str) -> int:
+    """Return the bytes in a size such as `80GB`, `141 GB` or `80GiB`."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).lower() not in SIZE_UNITS:
+        raise SystemExit(
+            f"error: --device-memory {text!r} is invalid: give a number and a unit, e.g. 80GB or 80GiB"
+        )
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
+
+
+def parse_mesh_pair(text: str, flag: str) -> tuple[int, int]:
+    """Return the (data, model) sizes in `text`, written `DATA,MODEL`."""
+    try:
+        data, model = (int(part) for part in text.split(","))
+    except ValueError:
+        raise SystemExit(f"error: {flag} {text!r} is invalid: give two integers DATA,MODEL, e.g. 1,2") from None
+    if data < 1 or model < 1:
+        raise SystemExit(f"error: {flag} {text!r} is invalid: both sizes must be at least 1")
+    return data, model
+
+
+def set_cpu_device_count(count: int) -> None:
+    """Make JAX's CPU backend present `count` devices.
+
+    XLA reads `XLA_FLAGS` when JAX initializes its backends, so this must run
+    before the first JAX computation or device query; importing jax is fine.
+    Other flags in `XLA_FLAGS` are kept.
+    """
+    if count < 1:
+        raise SystemExit(f"error: --devices {count} is invalid: use at least 1 device")
+    flags = [
+        flag for flag in os.environ.get("XLA_FLAGS", "").split()
+        if not flag.startswith("--xla_force_host_platform_device_count")
+    ]
+    flags.append(f"--xla_force_host_platform_device_count={count}")
+    os.environ["XLA_FLAGS"] = " ".join(flags)
+
+
+def initialize_distributed(args: argparse.Namespace) -> None:
+    """Join a multi-process run when the flags or JAX_COORDINATOR_ADDRESS ask for one.
+
+    Under Slurm, Open MPI or Cloud TPU, `jax.distributed.initialize` fills
+    in the arguments left unset. Across processes on CPU,
+    collectives go through gloo, JAX's default (jax 0.10.2).
+    """
+    address = args.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if address is None and args.num_processes is None and args.process_id is None:
+        return
+
+    import jax
+
+    try:
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator_address,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+        )
+    except (ValueError, TypeError) as error:
+        raise SystemExit(
+            f"error: multi-process setup failed: {error}. Pass --coordinator-address, "
+            "--num-processes and --process-id (or run under Slurm or Open MPI)"
+        ) from None
+    logger.info(
+        "Process %d of %d: %d local devices, %d in all",
+        jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
+    )
 
 
 def parse_prompt_ids(text: str) -> list[int]:
@@ -154,9 +258,104 @@ class TextStream:
             self.printed = text
 
 
+def select_devices(count):
+    """Return `count` devices for the dry run: accelerators if enough are present, else CPU ones."""
+    import jax
+
+    devices = jax.devices()
+    if count is None:
+        return devices
+    if len(devices) >= count:
+        return devices[:count]
+    cpu_devices = jax.devices("cpu")
+    if len(cpu_devices) < count:
+        raise SystemExit(
+            f"error: --devices {count}: JAX presents only {len(cpu_devices)} CPU devices. Unset "
+            "JAX_NUM_CPU_DEVICES, which takes precedence over XLA_FLAGS"
+        )
+    logger.info(
+        "%d %s device(s) present: compiling for %d CPU devices", len(devices), devices[0].platform, count
+    )
+    return cpu_devices[:count]
+
+
+def format_bytes(nbytes: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(nbytes) >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{int(nbytes)} B"
+
+
+def format_report(report) -> str:
+    """Return the dry-run report as lines of text."""
+    mesh = " x ".join(f"{name} {size}" for name, size in report.mesh_shape.items())
+    lines = [
+        f"Dry run: mesh {mesh} ({report.num_devices} {report.platform} devices), "
+        f"batch {report.batch_size}, context {report.context} (prefill of {report.prefill_len} tokens), "
+        f"{report.activation_dtype} activations",
+        "Per device:",
+        f"  parameters   {format_bytes(report.param_bytes_per_device):>10}   "
+        f"({format_bytes(report.param_bytes)} in all, {report.param_count:,} parameters)",
+        f"  KV cache     {format_bytes(report.kv_cache_bytes_per_device):>10}",
+        f"  temporaries  {format_bytes(report.temp_bytes_per_device):>10}   "
+        f"(prefill {format_bytes(report.prefill.temp_bytes)}, decode {format_bytes(report.decode.temp_bytes)})",
+        f"  peak         {format_bytes(report.peak_bytes_per_device):>10}   "
+        f"(prefill {format_bytes(report.prefill.peak_bytes)}, decode {format_bytes(report.decode.peak_bytes)})",
+        f"Compile time: {report.compile_seconds:.1f} s (prefill {report.prefill.compile_seconds:.1f} s, "
+        f"decode {report.decode.compile_seconds:.1f} s)",
+    ]
+    if report.platform == "cpu":
+        lines.append(
+            "Temporaries are XLA:CPU's figures for the CPU program; an accelerator's compiler "
+            "fuses and schedules differently."
+        )
+    if report.fits is not None:
+        spare = report.device_memory - report.peak_bytes_per_device
+        verdict = f"yes, {format_bytes(spare)} to spare" if report.fits else f"no, {format_bytes(-spare)} short"
+        lines.append(f"Fits in {format_bytes(report.device_memory)} per device: {verdict}")
+    return "\n".join(lines)
+
+
+def run_dry_run(args: argparse.Namespace, config, device_memory) -> None:
+    """Compile prefill and decode for the mesh of `--devices`, `--data` and `--model`, and print the report."""
+    from jax.experimental import mesh_utils
+    from jax.sharding import Mesh
+
+    from runners import MESH_AXES, dry_run
+
+    if args.coordinator_address or args.num_processes or args.process_id is not None or args.between_hosts:
+        raise SystemExit(
+            "error: --dry-run compiles in one process: drop the multi-process flags and pass the "
+            "total device count as --devices, with --data and --model for the global mesh"
+        )
+    devices = select_devices(args.devices)
+    data = args.data or 1
+    model = args.model or max(1, len(devices) // data)
+    if data * model != len(devices):
+        raise SystemExit(
+            f"error: --data {data} x --model {model} is {data * model} devices, but the dry run "
+            f"has {len(devices)}: pass sizes whose product is {len(devices)}, or --devices {data * model}"
+        )
+    mesh = Mesh(mesh_utils.create_device_mesh((data, model), devices), MESH_AXES)
+    try:
+        report = dry_run(config, mesh, args.batch, args.context, device_memory)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+
+    if args.json:
+        print(json.dumps(report.to_dict()), flush=True)
+    else:
+        print(format_report(report), flush=True)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    if args.devices is not None:
+        set_cpu_device_count(args.devices)
+    device_memory = parse_size(args.device_memory) if args.device_memory is not None else None
+    between_hosts = parse_mesh_pair(args.between_hosts, "--between-hosts") if args.between_hosts else None
 
     config = load_config(args)
     if args.moe_impl is not None:
@@ -164,8 +363,13 @@ def main(argv=None) -> None:
             config.model = dataclasses.replace(config.model, moe_impl=args.moe_impl)
         except ValueError as error:
             raise SystemExit(f"error: --moe-impl: {error}") from None
+    if args.dry_run:
+        run_dry_run(args, config, device_memory)
+        return
+
     requests = build_requests(args)
     check_inputs(args)
+    initialize_distributed(args)
 
     from runners import InferenceRunner, ModelRunner, validate_sampling
 
@@ -189,6 +393,7 @@ def main(argv=None) -> None:
         load=args.checkpoint,
         tokenizer_path=args.tokenizer if os.path.isfile(args.tokenizer) else None,
         local_mesh_config=local_mesh_config,
+        between_hosts_config=between_hosts,
     )
     inference_runner.initialize()
 

@@ -44,6 +44,15 @@ DEFAULT_PAD_SIZES = tuple(2**i for i in range(5, 14))  # 32 ... 8192
 # KV-cache slot and cache-length granularity for the decode compile.
 CACHE_LEN_MULTIPLE = 128
 
+# The per-row sampling inputs of prefill and decode, in the order the steps
+# take them: (`Request` field, value of a padding row, dtype).
+SAMPLING_FIELDS = (
+    ("temperature", 0.0, np.float32),
+    ("nucleus_p", 1.0, np.float32),
+    ("top_k", 0, np.int32),
+    ("rng_seed", 0, np.uint32),
+)
+
 
 # ----------------------------------------------------------------------------
 # Requests and sampling settings
@@ -327,7 +336,9 @@ class ModelRunner:
     # The functions below are traced under jit.
 
     def _forward(self, params, tokens, positions, memory, readout):
-        return self.transformed.apply(params, None, tokens, positions, memory, readout)
+        # The model reads the mesh from this context (see `model.sharded_sparse_moe`).
+        with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+            return self.transformed.apply(params, None, tokens, positions, memory, readout)
 
     def _prefill_fn(self, params, tokens, memory, lengths, sampling):
         """Run the padded prompts `tokens` `[batch, seq]` into `memory`, sample the first tokens."""
@@ -335,26 +346,50 @@ class ModelRunner:
         positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
         out: LanguageModelOutput = self._forward(params, tokens, positions, memory, lengths - 1)
         next_tokens, logprobs = self._sample(out.logits, sampling, jnp.int32(0))
-        return next_tokens, logprobs, out.memory
+        return *self._replicate((next_tokens, logprobs)), out.memory
 
     def _decode_fn(self, params, tokens, memory, positions, sampling, step):
         """Append `tokens` `[batch]` at `positions` `[batch]` and sample the next tokens."""
         out = self._forward(params, tokens[:, None], positions[:, None], memory, None)
         next_tokens, logprobs = self._sample(out.logits[:, 0], sampling, step)
-        return next_tokens, logprobs, out.memory
+        return *self._replicate((next_tokens, logprobs)), out.memory
 
     def _sample(self, logits, sampling, step):
         temperature, top_p, top_k, seeds = sampling
         return sample_tokens(logits, temperature, top_p, top_k, _step_keys(seeds, step))
 
+    def _replicate(self, values):
+        """Constrain `values` to a full copy on every device.
+
+        The host loop reads the sampled tokens on every process; with
+        several processes a row-sharded array is not fully addressable.
+        """
+        replicated = NamedSharding(self.mesh, P())
+        return tuple(jax.lax.with_sharding_constraint(value, replicated) for value in values)
+
     # Host-side entry points.
 
-    def new_memory(self, batch_size: int, cache_len: int) -> Memory:
-        """Return an empty, sharded KV cache."""
+    def batch_sharding(self, shape: Sequence[int]) -> NamedSharding:
+        """Return the sharding of a per-row input `[batch, ...]`: rows split over the data axis."""
+        spec = P("data", *(None,) * (len(shape) - 1))
+        return NamedSharding(self.mesh, fit_spec(spec, shape, self.mesh))
+
+    def memory_shape(self, batch_size: int, cache_len: int) -> Memory:
+        """Return the KV cache's `jax.ShapeDtypeStruct`s, each with its sharding."""
         shape = jax.eval_shape(
             lambda: init_memory(self.config, batch_size, cache_len, self.kv_cache_dtype)
         )
-        shardings = memory_shardings(shape, self.mesh)
+        return jax.tree_util.tree_map(
+            lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+            shape,
+            memory_shardings(shape, self.mesh),
+        )
+
+    def new_memory(self, batch_size: int, cache_len: int) -> Memory:
+        """Return an empty, sharded KV cache."""
+        shardings = jax.tree_util.tree_map(
+            lambda leaf: leaf.sharding, self.memory_shape(batch_size, cache_len)
+        )
         make = jax.jit(
             lambda: init_memory(self.config, batch_size, cache_len, self.kv_cache_dtype),
             out_shardings=shardings,
@@ -513,16 +548,9 @@ class InferenceRunner:
             values = [getattr(r, field) for r in requests] + [default] * (batch - num_real)
             return np.asarray(values, dtype)
 
-        row_sharding = NamedSharding(mesh, fit_spec(P("data"), (batch,), mesh))
-        put_rows = functools.partial(_put_global, sharding=row_sharding)
+        put_rows = functools.partial(_put_global, sharding=runner.batch_sharding((batch,)))
         sampling = tuple(
-            put_rows(settings(field, default, dtype))
-            for field, default, dtype in (
-                ("temperature", 0.0, np.float32),
-                ("nucleus_p", 1.0, np.float32),
-                ("top_k", 0, np.int32),
-                ("rng_seed", 0, np.uint32),
-            )
+            put_rows(settings(field, default, dtype)) for field, default, dtype in SAMPLING_FIELDS
         )
 
         logger.info(
@@ -530,10 +558,9 @@ class InferenceRunner:
             num_real, max(lengths[:num_real]), seq, cache_len,
         )
         memory = runner.new_memory(batch, cache_len)
-        token_sharding = NamedSharding(mesh, fit_spec(P("data", None), tokens.shape, mesh))
         next_tokens, logprobs, memory = runner._prefill(
             runner.params,
-            _put_global(tokens, token_sharding),
+            _put_global(tokens, runner.batch_sharding(tokens.shape)),
             memory,
             put_rows(np.asarray(lengths, np.int32)),
             sampling,
@@ -629,3 +656,208 @@ def sample_from_model(server, prompt: str, max_len: int, temperature: float) -> 
         prompt=prompt, temperature=temperature, nucleus_p=1.0, rng_seed=42, max_len=max_len
     )
     return server.send(request)
+
+
+# ----------------------------------------------------------------------------
+# Dry run: compile for a mesh without weights
+# ----------------------------------------------------------------------------
+
+# XLA:CPU's default scheduler orders operations for concurrency and keeps
+# many layers' activations live at once. Grok-1's prefill at batch 8 on 8
+# devices needs 330 GB of temporaries per device with it and 13.8 GB with
+# the memory-optimized one (jaxlib 0.10.2). Accelerator compilers also keep
+# memory bounded, so the dry run compiles with the memory-optimized
+# scheduler where the mesh is on CPU.
+CPU_DRY_RUN_COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+
+
+@dataclasses.dataclass
+class StepMemory:
+    """XLA's memory analysis of one compiled step, in bytes per device.
+
+    alias_bytes: the outputs that reuse donated argument buffers (the KV cache).
+    """
+
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    compile_seconds: float
+
+    @property
+    def peak_bytes(self) -> int:
+        """Arguments, outputs that need their own buffers, and temporaries, live together."""
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+
+@dataclasses.dataclass
+class DryRunReport:
+    """Memory per device and compile time of prefill and decode for one mesh and size.
+
+    batch_size: the compiled batch, a multiple of the data axis.
+    context: KV-cache slots per sequence; prefill runs `prefill_len` tokens.
+    param_bytes: all parameters, counted once; `param_count` their elements
+        (int8 weights count once, their scales not at all).
+    """
+
+    mesh_shape: dict[str, int]
+    platform: str
+    batch_size: int
+    context: int
+    prefill_len: int
+    activation_dtype: str
+    param_count: int
+    param_bytes: int
+    param_bytes_per_device: int
+    kv_cache_bytes_per_device: int
+    prefill: StepMemory
+    decode: StepMemory
+    device_memory: Optional[int] = None
+
+    @property
+    def num_devices(self) -> int:
+        return math.prod(self.mesh_shape.values())
+
+    @property
+    def temp_bytes_per_device(self) -> int:
+        return max(self.prefill.temp_bytes, self.decode.temp_bytes)
+
+    @property
+    def peak_bytes_per_device(self) -> int:
+        return max(self.prefill.peak_bytes, self.decode.peak_bytes)
+
+    @property
+    def compile_seconds(self) -> float:
+        return self.prefill.compile_seconds + self.decode.compile_seconds
+
+    @property
+    def fits(self) -> Optional[bool]:
+        """Whether the peak fits in `device_memory`; None when no device memory is given."""
+        if self.device_memory is None:
+            return None
+        return self.peak_bytes_per_device <= self.device_memory
+
+    def to_dict(self) -> dict:
+        """Return the report as a JSON-ready dict, the derived figures included."""
+        record = dataclasses.asdict(self)
+        for name in ("num_devices", "temp_bytes_per_device", "peak_bytes_per_device", "compile_seconds", "fits"):
+            record[name] = getattr(self, name)
+        for step in ("prefill", "decode"):
+            record[step]["peak_bytes"] = getattr(self, step).peak_bytes
+        return record
+
+
+def bytes_per_device(shapes, shardings) -> int:
+    """Return the bytes that one device stores of arrays `shapes` placed by `shardings`.
+
+    Every split that `fit_spec` keeps is even, so all devices store the same amount.
+    """
+    total = 0
+    for shape, sharding in zip(jax.tree_util.tree_leaves(shapes), jax.tree_util.tree_leaves(shardings)):
+        total += math.prod(sharding.shard_shape(shape.shape)) * np.dtype(shape.dtype).itemsize
+    return total
+
+
+def _abstract(shapes, shardings):
+    """Return `shapes` as `jax.ShapeDtypeStruct`s that carry `shardings`."""
+    return jax.tree_util.tree_map(
+        lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
+        shapes,
+        shardings,
+    )
+
+
+def _compile_step(step, args, compiler_options) -> StepMemory:
+    """Lower and compile the jitted `step` for abstract `args`; return its memory analysis."""
+    start = time.perf_counter()
+    compiled = step.lower(*args).compile(compiler_options)
+    seconds = time.perf_counter() - start
+    stats = compiled.memory_analysis()
+    return StepMemory(
+        argument_bytes=int(stats.argument_size_in_bytes),
+        output_bytes=int(stats.output_size_in_bytes),
+        alias_bytes=int(stats.alias_size_in_bytes),
+        temp_bytes=int(stats.temp_size_in_bytes),
+        compile_seconds=seconds,
+    )
+
+
+def dry_run(
+    config: LanguageModelConfig,
+    mesh: Mesh,
+    batch_size: int,
+    context: Optional[int] = None,
+    device_memory: Optional[int] = None,
+    activation_dtype=None,
+) -> DryRunReport:
+    """Compile prefill and decode for `mesh` without weights and report memory per device.
+
+    The steps are `ModelRunner`'s own jitted prefill and decode, lowered
+    with abstract parameters and KV cache that carry the runner's shardings:
+    no weights are read or allocated. `batch_size` is rounded up to a
+    multiple of the data axis, as the runner pads batches. `context` (default
+    the model's `sequence_len`) is the KV-cache length; prefill runs the
+    longest prompt that fits it. `activation_dtype` defaults to the config's
+    `fprop_dtype` (bfloat16 for Grok-1), which accelerators use, even where
+    the mesh is on CPU.
+    """
+    context = config.sequence_len if context is None else context
+    if not 2 <= context <= config.sequence_len:
+        raise ValueError(
+            f"context={context} is invalid: use 2 to the model's sequence_len={config.sequence_len}"
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} is invalid: use a positive number of sequences")
+    data_size = mesh.shape["data"]
+    padded_batch = -(-batch_size // data_size) * data_size
+    if padded_batch != batch_size:
+        logger.info("Batch %d padded to %d, a multiple of the data axis", batch_size, padded_batch)
+    prefill_len = bucket_size(context - 1, DEFAULT_PAD_SIZES, context)
+
+    runner = ModelRunner(model=config, activation_dtype=activation_dtype or config.fprop_dtype)
+    runner.initialize(mesh)
+    params = _abstract(runner.params_shape, runner.params_sharding)
+    memory = runner.memory_shape(padded_batch, context)
+
+    def rows(dtype, length=None):
+        shape = (padded_batch,) if length is None else (padded_batch, length)
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=runner.batch_sharding(shape))
+
+    sampling = tuple(rows(dtype) for _, _, dtype in SAMPLING_FIELDS)
+    step = jax.ShapeDtypeStruct((), jnp.int32)
+    options = CPU_DRY_RUN_COMPILER_OPTIONS if mesh.devices.flat[0].platform == "cpu" else None
+
+    logger.info(
+        "Compiling prefill (%d x %d tokens) and decode (KV cache of %d slots) for mesh %s",
+        padded_batch, prefill_len, context, dict(mesh.shape),
+    )
+    prefill = _compile_step(
+        runner._prefill, (params, rows(jnp.int32, prefill_len), memory, rows(jnp.int32), sampling), options
+    )
+    decode = _compile_step(
+        runner._decode, (params, rows(jnp.int32), memory, rows(jnp.int32), sampling, step), options
+    )
+
+    param_leaves = jax.tree_util.tree_leaves(
+        runner.params_shape, is_leaf=lambda leaf: isinstance(leaf, QuantizedWeight8bit)
+    )
+    return DryRunReport(
+        mesh_shape={name: int(size) for name, size in mesh.shape.items()},
+        platform=mesh.devices.flat[0].platform,
+        batch_size=padded_batch,
+        context=context,
+        prefill_len=prefill_len,
+        activation_dtype=jnp.dtype(runner.config.fprop_dtype).name,
+        param_count=sum(math.prod(leaf.shape) for leaf in param_leaves),
+        param_bytes=sum(
+            math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+            for leaf in jax.tree_util.tree_leaves(runner.params_shape)
+        ),
+        param_bytes_per_device=bytes_per_device(runner.params_shape, runner.params_sharding),
+        kv_cache_bytes_per_device=bytes_per_device(
+            memory, jax.tree_util.tree_map(lambda leaf: leaf.sharding, memory)
+        ),
+        prefill=prefill,
+        decode=decode,
+        device_memory=device_memory,
+    )

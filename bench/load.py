@@ -36,14 +36,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import haiku as hk  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_dtypes  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding  # noqa: E402
+from jax.sharding import SingleDeviceSharding  # noqa: E402
 
 import checkpoint  # noqa: E402
-from model import LanguageModelConfig, QuantizedWeight8bit, TransformerConfig, partition_spec_for  # noqa: E402
+from common import abstract_params, ensure_checkpoint  # noqa: E402
+from model import LanguageModelConfig, TransformerConfig  # noqa: E402
+from runners import make_mesh, param_shardings  # noqa: E402
 
 DEFAULT_DIR = Path(__file__).resolve().parent / "data" / "ckpt-bench"
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
@@ -66,43 +65,6 @@ def make_config(args) -> LanguageModelConfig:
             num_selected_experts=2,
         ),
     )
-
-
-def abstract_params(config: LanguageModelConfig):
-    init = hk.transform(lambda tokens: config.make()(tokens)).init
-    return jax.eval_shape(init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
-
-
-def random_leaf(leaf, rng: np.random.Generator) -> np.ndarray:
-    """Random values of `leaf`'s shape and dtype; int8 from raw random bytes (fast)."""
-    dtype = np.dtype(leaf.dtype)
-    size = int(np.prod(leaf.shape))
-    if dtype == np.int8:
-        return np.frombuffer(rng.bytes(size), np.int8).reshape(leaf.shape)
-    if dtype == np.dtype(ml_dtypes.bfloat16):
-        return (rng.random(leaf.shape, np.float32) * 0.01).astype(dtype)
-    return rng.standard_normal(leaf.shape, np.float32).astype(dtype)
-
-
-def ensure_checkpoint(directory: Path, shapes) -> None:
-    """Write the benchmark checkpoint unless a valid one is already there."""
-    try:
-        checkpoint.validate_checkpoint(directory, shapes)
-        print(f"Reusing the checkpoint in {directory}")
-        return
-    except checkpoint.CheckpointError:
-        pass
-
-    if directory.exists():
-        for entry in directory.iterdir():
-            if checkpoint.TENSOR_FILE_PATTERN.match(entry.name):
-                entry.unlink()
-    print(f"Writing a benchmark checkpoint to {directory} ...")
-    start = time.monotonic()
-    rng = np.random.default_rng(0)
-    params = jax.tree_util.tree_map(lambda leaf: random_leaf(leaf, rng), shapes)
-    checkpoint.save_checkpoint(directory, params)
-    print(f"  written in {time.monotonic() - start:.1f} s")
 
 
 def plain_read(paths: list[Path]) -> int:
@@ -139,26 +101,10 @@ def plain_read_new_buffers(paths: list[Path]) -> int:
 
 
 def make_shardings(shapes, use_mesh: bool):
-    devices = jax.local_devices()
+    """Return one device's sharding, or the model's shardings over all local devices."""
     if not use_mesh:
-        return SingleDeviceSharding(devices[0])
-
-    mesh = Mesh(np.array(devices).reshape(1, len(devices)), ("data", "model"))
-
-    def fitted(spec, shape):
-        return NamedSharding(mesh, P(*[a if a is None or shape[i] % mesh.shape[a] == 0 else None for i, a in enumerate(spec)]))
-
-    named, treedef = checkpoint.flatten_parameters(shapes)
-    leaves = []
-    for path, leaf in named:
-        if isinstance(leaf, QuantizedWeight8bit):
-            leaves.append(QuantizedWeight8bit(
-                weight=fitted(partition_spec_for(path), leaf.weight.shape),
-                scales=fitted(partition_spec_for(path, weight=False), leaf.scales.shape),
-            ))
-        else:
-            leaves.append(fitted(partition_spec_for(path), leaf.shape))
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+        return SingleDeviceSharding(jax.local_devices()[0])
+    return param_shardings(shapes, make_mesh())
 
 
 def drop_page_cache() -> None:

@@ -1,5 +1,6 @@
 """Runners over the reference fixtures, built once per (fixture, mesh shape) and reused."""
 
+import dataclasses
 import functools
 import math
 
@@ -18,9 +19,13 @@ def mesh_of(shape: tuple[int, int]) -> Mesh:
 
 
 @functools.lru_cache(maxsize=None)
-def fixture_runner(name: str, mesh_shape=(1, 8), tokenizer=None, **runner_options) -> InferenceRunner:
+def fixture_runner(name: str, mesh_shape=(1, 8), tokenizer=None, moe_impl=None) -> InferenceRunner:
+    """Return a runner of fixture `name` on a `mesh_shape` mesh; `moe_impl` None keeps the default."""
+    config = fixture_config(name)
+    if moe_impl is not None:
+        config.model = dataclasses.replace(config.model, moe_impl=moe_impl)
     runner = InferenceRunner(
-        runner=ModelRunner(fixture_config(name), **runner_options),
+        runner=ModelRunner(config),
         load=str(fixture_dir(name)),
         tokenizer_path=tokenizer,
     )
