@@ -25,7 +25,8 @@ This module adds the file and directory level:
   headers, and report every problem in one error.
 - `load_checkpoint`: validate first, then read the files in a few threads and
   place each array with `jax.make_array_from_callback`. A process reads only
-  the rows (lines along the last axis) that the shards of its own devices touch.
+  the rows (lines along the last axis) that the shards of its own devices
+  touch, and of those rows the columns from the first to the last they hold.
 - `save_checkpoint`: write a parameter tree in the released format.
 """
 
@@ -276,7 +277,7 @@ def _empty_aligned(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
 
 
 # Size of the per-thread buffer through which regions that are not one
-# contiguous run (e.g. column blocks) are read, in whole rows.
+# contiguous run (e.g. column blocks) are read.
 _BOUNCE_BYTES = 32 * 1024 * 1024
 _thread_state = threading.local()
 
@@ -306,9 +307,10 @@ class _PayloadReader:
     - A region that is one C-order run (a whole array, or a block of leading
       rows) is read with `preadv` straight into its result.
     - Other regions of C-order arrays (e.g. column blocks) are read in one
-      pass over the rows they touch, through a per-thread buffer of whole
-      rows (last-axis lines), and copied out. Rows no requested region
-      touches are not read.
+      pass over the rows they touch, through a per-thread buffer of those
+      rows (last-axis lines) or, where the regions cover only some columns,
+      of the column span they cover, and copied out. Rows no requested
+      region touches are not read.
     - Regions of Fortran-order arrays, and strided regions, are copied out of
       a numpy view over an mmap of the file.
 
@@ -402,14 +404,29 @@ class _PayloadReader:
             needed = np.unique(np.concatenate(list(rows_by_leading_bounds.values())))
         spans = np.split(needed, np.flatnonzero(np.diff(needed) != 1) + 1)
 
-        rows_per_chunk = max(1, _BOUNCE_BYTES // row_bytes)
+        # Read only the columns some region needs: where the model axis spans
+        # processes, this process's shards cover part of each row. Whole rows
+        # are read in one call per chunk; partial rows take one call per row.
+        read_start = min(plan[2] for plan in plans)
+        read_stop = max(plan[3] for plan in plans)
+        width = read_stop - read_start
+        width_bytes = width * info.dtype.itemsize
+
+        rows_per_chunk = max(1, _BOUNCE_BYTES // width_bytes)
         for span in spans:
             for first in range(int(span[0]), int(span[-1]) + 1, rows_per_chunk):
                 stop = min(first + rows_per_chunk, int(span[-1]) + 1)
-                chunk = _bounce_buffer((stop - first) * row_bytes)
-                _pread_into(self.fd, memoryview(chunk), info.offset + first * row_bytes, self.path)
-                block = chunk.view(info.dtype).reshape(stop - first, row_length)
+                chunk = _bounce_buffer((stop - first) * width_bytes)
+                if width == row_length:
+                    _pread_into(self.fd, memoryview(chunk), info.offset + first * row_bytes, self.path)
+                else:
+                    row_offset = info.offset + read_start * info.dtype.itemsize
+                    for row in range(first, stop):
+                        target = memoryview(chunk)[(row - first) * width_bytes:(row - first + 1) * width_bytes]
+                        _pread_into(self.fd, target, row_offset + row * row_bytes, self.path)
+                block = chunk.view(info.dtype).reshape(stop - first, width)  # columns read_start ...
                 for _, rows, column_start, column_stop, out in plans:
+                    column_start, column_stop = column_start - read_start, column_stop - read_start
                     begin, end = np.searchsorted(rows, [first, stop])
                     if begin == end:
                         continue

@@ -894,14 +894,14 @@ def test_load_reads_each_shard_once(tmp_path, monkeypatch, mesh_shape, spec, exp
         ([(slice(0, 1), slice(None), slice(None)), (slice(5, 6), slice(None), slice(None))], 2 * 64 * 32 * 4),
         # 2 of 8 blocks along the middle axis: 8 rows of each of the 8 leading entries.
         ([(slice(None), slice(0, 8), slice(None)), (slice(None), slice(40, 48), slice(None))], 2 * 8 * 8 * 32 * 4),
-        # 2 of 4 column blocks: every row, read once for both.
-        ([(slice(None), slice(None), slice(0, 8)), (slice(None), slice(None), slice(16, 24))], 8 * 64 * 32 * 4),
-        # a column block of 3 of the 8 leading entries: only their rows.
-        ([(slice(2, 5), slice(None), slice(8, 16))], 3 * 64 * 32 * 4),
+        # 2 of 4 column blocks: every row once, from the first to the last requested column.
+        ([(slice(None), slice(None), slice(0, 8)), (slice(None), slice(None), slice(16, 24))], 8 * 64 * 24 * 4),
+        # a column block of 3 of the 8 leading entries: only those columns of their rows.
+        ([(slice(2, 5), slice(None), slice(8, 16))], 3 * 64 * 8 * 4),
     ],
 )
 def test_reader_reads_only_requested_rows(tmp_path, monkeypatch, indices, expected_bytes):
-    """A process that holds only some shards reads only the rows those shards touch."""
+    """A process that holds only some shards reads only the rows and columns those shards touch."""
     values = np.arange(8 * 64 * 32, dtype=np.float32).reshape(8, 64, 32)
     path = tmp_path / "tensor00000_000"
     checkpoint.write_tensor_file(path, values)

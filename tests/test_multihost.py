@@ -188,7 +188,8 @@ def shard_and_row_bytes(process: int) -> tuple[int, int, int]:
     The model axis of the two-process mesh is process 0's 4 devices followed
     by process 1's, so process p stores what devices 4p to 4p + 3 of a
     one-process (1, 8) mesh hold. A row is a line along the last axis; the
-    loader reads a shard that is not one contiguous run in whole rows.
+    loader reads, of each row its shards touch, the columns from their first
+    to their last, so here exactly the shards.
     """
     mesh = mesh_of((1, 8))
     runner = ModelRunner(fixture_config(FIXTURE))
@@ -213,7 +214,7 @@ def shard_and_row_bytes(process: int) -> tuple[int, int, int]:
     return total, int(shards), rows
 
 
-def test_each_process_reads_only_its_rows(runs):
+def test_each_process_reads_only_its_shards(runs):
     _, single, multi = runs
     total, _, _ = shard_and_row_bytes(0)
     assert bytes_read(single[1]) == total
@@ -221,5 +222,5 @@ def test_each_process_reads_only_its_rows(runs):
     for process, (_, stderr) in enumerate(multi):
         _, shards, rows = shard_and_row_bytes(process)
         read = bytes_read(stderr)
-        assert read < total, f"process {process} read {read} of {total} bytes"
-        assert shards <= read <= rows, f"process {process} read {read} bytes; its shards are {shards}, their rows {rows}"
+        assert read < rows < total, f"process {process} read {read} bytes, its rows are {rows} of {total}"
+        assert read == shards, f"process {process} read {read} bytes; its shards are {shards}"
