@@ -75,7 +75,7 @@ DOWNLOAD_HELP = (
     "Put the released weights in checkpoints/ckpt-0 (770 files tensor00000_000 ... "
     "tensor00769_000, 318 GB). Download them with the torrent linked from the README of "
     "github.com/xai-org/grok-1, or from the Hugging Face repository xai-org/grok-1: "
-    "`huggingface-cli download xai-org/grok-1 --repo-type model --include 'ckpt-0/*' "
+    "`hf download xai-org/grok-1 --repo-type model --include 'ckpt-0/*' "
     "--local-dir checkpoints`."
 )
 
@@ -111,7 +111,7 @@ def _describe_non_pickle(head: bytes, tail: bytes, size: int) -> str:
         return (
             f"is a Git LFS pointer ({size} bytes){target}: the download fetched the pointer, "
             "not the data. Run `git lfs pull` in the clone, or download the file with "
-            "`huggingface-cli download` (see the README of github.com/xai-org/grok-1)"
+            "`hf download` (see the README of github.com/xai-org/grok-1)"
         )
     if lowered.startswith((b"<!doctype", b"<html", b"<head", b"<?xml", b"<!--")) or b"<html" in lowered:
         return (

@@ -32,35 +32,38 @@ logger = logging.getLogger("run")
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Sample continuations of prompts from Grok-1.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=argparse.HelpFormatter,
     )
     parser.add_argument("--checkpoint", default=CKPT_PATH,
-                        help="directory holding ckpt-0 (or ckpt-0 itself)")
+                        help="directory holding ckpt-0 (or ckpt-0 itself) (default: %(default)s)")
     parser.add_argument("--tokenizer", default=TOKENIZER_PATH,
-                        help="SentencePiece tokenizer.model; not needed with --prompt-ids")
+                        help="SentencePiece tokenizer.model; not needed with --prompt-ids (default: %(default)s)")
     parser.add_argument("--config", default=None,
                         help="JSON file with LanguageModelConfig and TransformerConfig objects; "
                              "default: config.json beside the checkpoint, else Grok-1's")
     parser.add_argument("--prompt", action="append", default=None,
                         help="prompt text; repeat for several prompts (default: PROMPT in run.py)")
     parser.add_argument("--prompt-ids", action="append", default=None, metavar="1,2,3",
-                        help="prompt as comma-separated token ids, bypassing the tokenizer; repeatable")
-    parser.add_argument("--max-len", type=int, default=MAX_LEN, help="maximum number of new tokens")
+                        help="prompt as comma-separated token ids, bypassing the tokenizer; repeatable. "
+                             "These prompts run before the --prompt ones")
+    parser.add_argument("--max-len", type=int, default=MAX_LEN, help="maximum number of new tokens (default: %(default)s)")
     parser.add_argument("--temperature", type=float, default=TEMPERATURE,
-                        help="sampling temperature; 0 is greedy argmax")
-    parser.add_argument("--top-p", type=float, default=TOP_P, help="nucleus sampling threshold in (0, 1]")
-    parser.add_argument("--top-k", type=int, default=TOP_K, help="sample among the k most likely tokens; 0 keeps all")
-    parser.add_argument("--seed", type=int, default=SEED, help="random seed of the first prompt; prompt i uses seed + i")
+                        help="sampling temperature; 0 is greedy argmax (default: %(default)s)")
+    parser.add_argument("--top-p", type=float, default=TOP_P, help="nucleus sampling threshold in (0, 1] (default: %(default)s)")
+    parser.add_argument("--top-k", type=int, default=TOP_K, help="sample among the k most likely tokens; 0 keeps all (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=SEED, help="random seed of the first prompt; prompt i uses seed + i (default: %(default)s)")
     parser.add_argument("--no-stop-at-eos", action="store_true", help="keep generating after the EOS token")
     parser.add_argument("--data", type=int, default=None,
                         help="data-parallel mesh size per process (default 1)")
     parser.add_argument("--model", type=int, default=None,
                         help="model-parallel mesh size per process (default: the remaining local devices)")
     parser.add_argument("--moe-impl", default=None,
+                        choices=["sparse", "dense"],
                         help="MoE implementation: 'sparse' runs only the chosen experts, 'dense' (the "
                              "reference) every expert on every token; default: the config's")
     parser.add_argument("--json", action="store_true",
-                        help="print one JSON object per prompt (prompt_ids, token_ids, logprobs, text), "
+                        help="print one JSON object per prompt (prompt_ids, token_ids, logprobs, stop_reason; "
+                             "prompt and text when a tokenizer is loaded), "
                              "running all prompts as one batch; with --dry-run, one JSON object of the report")
     parser.add_argument("--devices", type=int, default=None,
                         help="split the CPU into this many devices (sets XLA_FLAGS="
@@ -90,7 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     dry_run.add_argument("--device-memory", default=None, metavar="SIZE",
                          help="memory of one device, e.g. 80GB or 141GB (1 GB = 1e9 bytes; GiB = 2**30); "
                               "the report says whether the peak fits")
-    parser.add_argument("--log-level", default="INFO", help="logging level: DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument("--log-level", default="INFO", type=str.upper,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level (default: %(default)s)")
     return parser.parse_args(argv)
 
 
@@ -351,6 +355,8 @@ def run_dry_run(args: argparse.Namespace, config, device_memory) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # JAX logs each accelerator backend it does not find at INFO; that is expected on CPU.
+    logging.getLogger("jax._src.xla_bridge").setLevel(max(logging.WARNING, logging.getLogger().level))
 
     if args.devices is not None:
         set_cpu_device_count(args.devices)
@@ -371,12 +377,18 @@ def main(argv=None) -> None:
     check_inputs(args)
     initialize_distributed(args)
 
-    from runners import InferenceRunner, ModelRunner, validate_sampling
+    from checkpoint import CheckpointError
+    from runners import InferenceRunner, ModelRunner, check_prompt_ids, load_tokenizer, validate_sampling
 
+    # Check every request before the weights load, which takes minutes for Grok-1.
     try:
+        needs_tokenizer = any(request.prompt_ids is None for request in requests)
+        tokenizer = load_tokenizer(args.tokenizer) if needs_tokenizer else None
         for request in requests:
             validate_sampling(request)
-    except ValueError as error:
+            ids = request.prompt_ids if request.prompt_ids is not None else tokenizer.encode(request.prompt)
+            check_prompt_ids(ids, config)
+    except (ValueError, OSError) as error:
         raise SystemExit(f"error: {error}") from None
 
     local_mesh_config = None
@@ -395,7 +407,10 @@ def main(argv=None) -> None:
         local_mesh_config=local_mesh_config,
         between_hosts_config=between_hosts,
     )
-    inference_runner.initialize()
+    try:
+        inference_runner.initialize()
+    except (CheckpointError, ValueError, OSError) as error:
+        raise SystemExit(f"error: {error}") from None
 
     try:
         if args.json:

@@ -114,8 +114,8 @@ def validate_sampling(request: Request) -> None:
         raise ValueError(f"top_k={request.top_k} is invalid: use 0 (no limit) or a positive integer")
     if not (isinstance(request.max_len, (int, np.integer)) and request.max_len >= 1):
         raise ValueError(f"max_len={request.max_len} is invalid: use a positive number of tokens")
-    if not isinstance(request.rng_seed, (int, np.integer)):
-        raise ValueError(f"rng_seed={request.rng_seed!r} is invalid: use an integer")
+    if not isinstance(request.rng_seed, (int, np.integer)) or not 0 <= request.rng_seed < 2**32:
+        raise ValueError(f"rng_seed={request.rng_seed!r} is invalid: use an integer from 0 to 2**32 - 1")
 
 
 def sample_tokens(
@@ -465,20 +465,7 @@ class InferenceRunner:
         else:
             ids = self.tokenizer.encode(request.prompt)
 
-        if not ids:
-            raise ValueError("the prompt is empty: give at least one token")
-        bad = [i for i in ids if not config.pad_token < i < config.vocab_size]
-        if bad:
-            raise ValueError(
-                f"prompt token ids {bad[:8]} are outside {config.pad_token + 1}.."
-                f"{config.vocab_size - 1} (id {config.pad_token} is padding)"
-            )
-        if len(ids) >= config.sequence_len:
-            raise ValueError(
-                f"the prompt has {len(ids)} tokens, but the context holds {config.sequence_len} "
-                f"including at least one new token: shorten it to at most "
-                f"{config.sequence_len - 1} tokens"
-            )
+        check_prompt_ids(ids, config)
         return ids
 
     def decode_text(self, ids: Sequence[int]) -> Optional[str]:
@@ -634,6 +621,24 @@ def _offset_callback(on_token: TokenCallback, offset: int, row: int, token: int)
     on_token(offset + row, token)
 
 
+def check_prompt_ids(ids: Sequence[int], config: LanguageModelConfig) -> None:
+    """Raise ValueError if the prompt `ids` is empty, has invalid ids or does not fit the context."""
+    if not ids:
+        raise ValueError("the prompt is empty: give at least one token")
+    bad = [i for i in ids if not config.pad_token < i < config.vocab_size]
+    if bad:
+        raise ValueError(
+            f"prompt token ids {bad[:8]} are outside {config.pad_token + 1}.."
+            f"{config.vocab_size - 1} (id {config.pad_token} is padding)"
+        )
+    if len(ids) >= config.sequence_len:
+        raise ValueError(
+            f"the prompt has {len(ids)} tokens, but the context holds {config.sequence_len} "
+            f"including at least one new token: shorten it to at most "
+            f"{config.sequence_len - 1} tokens"
+        )
+
+
 def load_tokenizer(path: str):
     """Load a SentencePiece model, with a clear error where the file is missing."""
     import os
@@ -646,7 +651,13 @@ def load_tokenizer(path: str):
             "repository xai-org/grok-1 (it is not in the Hugging Face weights repository) "
             "and pass its path"
         )
-    return sentencepiece.SentencePieceProcessor(model_file=path)
+    try:
+        return sentencepiece.SentencePieceProcessor(model_file=path)
+    except RuntimeError as error:
+        raise ValueError(
+            f"tokenizer {path!r} is not a SentencePiece model ({error}): download tokenizer.model "
+            "again from xAI's GitHub repository xai-org/grok-1"
+        ) from None
 
 
 def sample_from_model(server, prompt: str, max_len: int, temperature: float) -> str:

@@ -85,6 +85,21 @@ def test_missing_checkpoint_says_how_to_get_it(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_truncated_checkpoint_is_reported_without_traceback(tmp_path):
+    broken = tmp_path / "ckpt-0"
+    broken.mkdir()
+    for source in (fixture_dir("grok1-tiny") / "ckpt-0").iterdir():
+        (broken / source.name).write_bytes(source.read_bytes())
+    (broken / "tensor00005_000").write_bytes((broken / "tensor00005_000").read_bytes()[:100])
+    config = fixture_dir("grok1-tiny") / "config.json"
+
+    result = run_py("--checkpoint", str(broken), "--config", str(config), "--prompt-ids", "5,6", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "tensor00005_000" in result.stderr
+    assert "truncated" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_missing_tokenizer_says_how_to_get_it(tmp_path):
     result = run_py("--checkpoint", str(fixture_dir("grok1-tiny-vocab")), cwd=tmp_path)
     assert result.returncode != 0
@@ -99,6 +114,8 @@ def test_missing_tokenizer_says_how_to_get_it(tmp_path):
         (["--top-p", "0"], "top-p"),
         (["--max-len", "0"], "max_len"),
         (["--prompt-ids", "5,x"], "--prompt-ids"),
+        (["--prompt-ids", ",".join(["5"] * 300)], "300 tokens"),
+        (["--seed", "-1"], "rng_seed"),
     ],
 )
 def test_invalid_settings_fail_before_loading(tmp_path, flags, message):
