@@ -529,7 +529,7 @@ class MoELayer(hk.Module):
 
 
 def dense_moe(x, gates, expert_index, w_gate, w_up, w_down, num_experts: int) -> jax.Array:
-    """The reference MoE: run every expert on every token, then select the chosen ones.
+    """Run every expert on every token, then select the chosen ones: the reference MoE.
 
     x: [tokens, emb]; gates, expert_index: [tokens, top_k];
     w_gate, w_up: [experts, emb, ffn]; w_down: [experts, ffn, emb].
@@ -648,10 +648,10 @@ def sharded_sparse_moe(
 ) -> jax.Array:
     """Run `sparse_moe` on each device's shard of the experts' hidden dimension.
 
-    Under a mesh (`jax.set_mesh`) whose `model_axis` splits the hidden
-    dimension `ffn` (gate and up `[experts, emb, ffn]` by columns, down
-    `[experts, ffn, emb]` by rows), each device runs the chosen experts on
-    its `ffn / model` slice and the partial down projections are summed over
+    Under a mesh whose `model_axis` splits the hidden dimension `ffn`, gate
+    and up `[experts, emb, ffn]` are split by columns and down
+    `[experts, ffn, emb]` by rows. Each device runs the chosen experts on its
+    `ffn / model` slice, and the partial down projections are summed over
     `model_axis`, so no device gathers another's weights. Tokens stay split
     over `data_axis`. Without such a mesh, or where the sizes do not divide,
     this is plain `sparse_moe` and XLA partitions it.
@@ -698,8 +698,8 @@ def grouped_experts(x, expert_index, w_gate, w_up, w_down, num_experts: int, til
     """Return every (token, expert) assignment's expert output `[tokens * top_k, emb]`.
 
     The assignments are sorted by expert, so each expert's rows are
-    contiguous, and processed in tiles of up to `tile_rows` rows that each
-    belong to one expert: a grouped matrix product that reads each used
+    contiguous. They are processed in tiles of up to `tile_rows` rows that
+    each belong to one expert. This grouped matrix product reads each used
     expert's weights once per tile and skips unused experts. The loop runs
     only as many tiles as the routing needs. A tile's rows past its expert's
     group are computed but not written.

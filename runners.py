@@ -259,7 +259,7 @@ def memory_shardings(memory_shape: Memory, mesh: Mesh) -> Memory:
 
 
 def _put_global(host_array: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """Place a host array that every process holds in full onto `sharding`."""
+    """Place a host array, present in full on every process, onto `sharding`."""
     return jax.make_array_from_callback(host_array.shape, sharding, lambda index: host_array[index])
 
 
@@ -633,8 +633,8 @@ def check_prompt_ids(ids: Sequence[int], config: LanguageModelConfig) -> None:
         )
     if len(ids) >= config.sequence_len:
         raise ValueError(
-            f"the prompt has {len(ids)} tokens, but the context holds {config.sequence_len} "
-            f"including at least one new token: shorten it to at most "
+            f"the prompt has {len(ids)} tokens, but the context has room for {config.sequence_len} "
+            f"tokens including at least one new token: shorten it to at most "
             f"{config.sequence_len - 1} tokens"
         )
 

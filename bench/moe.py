@@ -27,7 +27,6 @@ Batch-1 decode is also compared with two ceilings measured in the same run:
 
 import argparse
 import concurrent.futures
-import dataclasses
 import json
 import math
 import os

@@ -57,9 +57,9 @@ def greedy_prompts(ref: dict) -> list[list[int]]:
 def first_fragile_step(margins: np.ndarray, threshold: float = 0.1) -> int:
     """Return the first step whose reference top-1/top-2 logit margin is below `threshold`.
 
-    Below about one bfloat16 step of the logits (0.03 to 0.06 here) the two
-    best tokens are a tie within the reference's own noise: the reference's
-    KV-cache path and its full forward disagree at such steps, and a faithful
+    Below about one bfloat16 step of the logits (0.03 to 0.06 here), the two
+    best tokens tie within the reference's own noise. The reference's
+    KV-cache path and its full forward disagree at such steps, so a faithful
     implementation may pick either token. From there the continuations may
     legitimately diverge. 0.1 leaves a margin above that noise.
     """

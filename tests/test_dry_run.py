@@ -6,7 +6,6 @@ Megatron layout in `model.PARTITION_RULES`, not taken from the code under test.
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 

@@ -1,6 +1,5 @@
 """The sparse MoE against the dense reference path and the fixtures."""
 
-import dataclasses
 import functools
 
 import jax

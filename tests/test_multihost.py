@@ -187,9 +187,9 @@ def shard_and_row_bytes(process: int) -> tuple[int, int, int]:
 
     The model axis of the two-process mesh is process 0's 4 devices followed
     by process 1's, so process p stores what devices 4p to 4p + 3 of a
-    one-process (1, 8) mesh hold. A row is a line along the last axis; the
-    loader reads, of each row its shards touch, the columns from their first
-    to their last, so here exactly the shards.
+    one-process (1, 8) mesh hold. A row is a line along the last axis. Of
+    each row its shards touch, the loader reads the columns from their first
+    to their last, which here are exactly the shards.
     """
     mesh = mesh_of((1, 8))
     runner = ModelRunner(fixture_config(FIXTURE))
