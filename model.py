@@ -310,21 +310,32 @@ class LanguageModelOutput(NamedTuple):
     memory: Optional[Memory]
 
 
+def quantize(weight: jax.Array, row_blocks: int) -> QuantizedWeight8bit:
+    """Return `weight` `[..., in, out]` as int8 values with bfloat16 scales per row block.
+
+    Each scale is the block's largest magnitude in its column divided by 127,
+    so every value rounds to an int8 in [-127, 127].
+    """
+    *batch, rows, cols = weight.shape
+    if rows % row_blocks:
+        raise ValueError(f"weight has {rows} rows, not divisible by {row_blocks} row blocks")
+    blocks = jnp.asarray(weight, jnp.float32).reshape(*batch, row_blocks, rows // row_blocks, cols)
+    max_abs = jnp.max(jnp.abs(blocks), axis=-2, keepdims=True)
+    scales = jnp.maximum(max_abs / 127.0, 1e-12).astype(jnp.bfloat16)
+    values = jnp.clip(jnp.round(blocks / scales.astype(jnp.float32)), -127, 127)
+    return QuantizedWeight8bit(
+        weight=values.astype(jnp.int8).reshape(weight.shape),
+        scales=scales.reshape(*batch, row_blocks, cols),
+    )
+
+
 def _quantized_init(shape, row_blocks: int, stddev: float):
     """Return an initializer for a `QuantizedWeight8bit` of `shape` with `row_blocks` scale rows."""
 
     def init(_, dtype):
         del dtype
         weight = hk.initializers.RandomNormal(stddev=stddev)(shape, jnp.float32)
-        *batch, rows, cols = shape
-        blocks = weight.reshape(*batch, row_blocks, rows // row_blocks, cols)
-        max_abs = jnp.max(jnp.abs(blocks), axis=-2, keepdims=True)
-        scales = jnp.maximum(max_abs / 127.0, 1e-12).astype(jnp.bfloat16)
-        values = jnp.clip(jnp.round(blocks / scales.astype(jnp.float32)), -127, 127)
-        return QuantizedWeight8bit(
-            weight=values.astype(jnp.int8).reshape(shape),
-            scales=scales.reshape(*batch, row_blocks, cols),
-        )
+        return quantize(weight, row_blocks)
 
     return init
 
@@ -514,13 +525,21 @@ class MoELayer(hk.Module):
         super().__init__(name=name)
         self.config = config
 
-    def __call__(self, x: jax.Array, gates: jax.Array, expert_index: jax.Array) -> jax.Array:
-        """Return the gate-weighted sum of the chosen experts' outputs for `x` `[tokens, emb]`."""
+    @hk.name_like("__call__")  # parameter names as if created in __call__, as in the checkpoint
+    def expert_weights(self):
+        """Return `(w_gate, w_up, w_down)`: `[experts, emb, ffn]`, `[experts, emb, ffn]`, `[experts, ffn, emb]`."""
         config = self.config
         experts, emb, ffn = config.num_experts, config.emb_size, config.ffn_size
         w_gate = _ExpertWeight(name="linear")((experts, emb, ffn), 1)
         w_down = _ExpertWeight(name="linear_1")((experts, ffn, emb), ROW_BLOCKS)
         w_up = _ExpertWeight(name="linear_v")((experts, emb, ffn), 1)
+        return w_gate, w_up, w_down
+
+    def __call__(self, x: jax.Array, gates: jax.Array, expert_index: jax.Array) -> jax.Array:
+        """Return the gate-weighted sum of the chosen experts' outputs for `x` `[tokens, emb]`."""
+        config = self.config
+        experts = config.num_experts
+        w_gate, w_up, w_down = self.expert_weights()
         if config.moe_impl == "dense":
             return dense_moe(x, gates, expert_index, w_gate, w_up, w_down, experts)
         return sharded_sparse_moe(
@@ -888,9 +907,37 @@ def config_from_dict(data: dict) -> LanguageModelConfig:
         names = {field.name for field in dataclasses.fields(cls)} - set(skip)
         return {key: value for key, value in values.items() if key in names}
 
-    transformer = TransformerConfig(**known_fields(TransformerConfig, data["TransformerConfig"]))
+    transformer_fields = known_fields(TransformerConfig, data["TransformerConfig"])
     fields = known_fields(LanguageModelConfig, data["LanguageModelConfig"], skip=("model",))
+    _check_config_values("TransformerConfig", TransformerConfig, transformer_fields)
+    _check_config_values("LanguageModelConfig", LanguageModelConfig, fields)
+    transformer = TransformerConfig(**transformer_fields)
     try:
         return LanguageModelConfig(model=transformer, **fields)
     except TypeError as error:
         raise ValueError(f"invalid LanguageModelConfig: {error}") from None
+
+
+# Config fields that count something, so must be at least 1.
+_POSITIVE_CONFIG_FIELDS = (
+    "emb_size", "key_size", "num_q_heads", "num_kv_heads", "num_layers", "vocab_size",
+    "num_experts", "sequence_len",
+)
+
+
+def _check_config_values(section: str, cls, values: dict) -> None:
+    """Raise ValueError naming the field if a number or flag in `values` has the wrong type or range."""
+    kinds = {int: "an integer", float: "a number", bool: "true or false"}
+    types = {field.name: field.type for field in dataclasses.fields(cls)}
+    for name, value in values.items():
+        expected = types[name]
+        if expected not in kinds:
+            continue
+        if isinstance(value, bool):
+            valid = expected is bool
+        else:
+            valid = isinstance(value, (int, float) if expected is float else expected)
+        if not valid:
+            raise ValueError(f"{section}.{name} is {value!r}, not {kinds[expected]}")
+        if name in _POSITIVE_CONFIG_FIELDS and value < 1:
+            raise ValueError(f"{section}.{name} is {value!r}: it must be at least 1")

@@ -3,8 +3,12 @@
     python run.py
 
 loads `./checkpoints/ckpt-0` with the Grok-1 configuration and
-`./tokenizer.model`, and prints a continuation of `PROMPT`. Edit the
-settings below, or override them with flags (`python run.py --help`).
+`./tokenizer.model`, and prints a continuation of `PROMPT`. Where
+`./checkpoints/ckpt-0` does not exist, it runs the small demo model in
+`demo/` instead (Grok-1's architecture at 15M parameters; see
+demo/README.md). Edit the settings below, or override them with flags
+(`python run.py --help`); `python run.py --score FILE` reports the model's
+per-token perplexity on a text file.
 """
 
 import argparse
@@ -20,6 +24,8 @@ from pathlib import Path
 PROMPT = "The answer to life the universe and everything is of course"
 CKPT_PATH = "./checkpoints/"
 TOKENIZER_PATH = "./tokenizer.model"
+# Run where CKPT_PATH has no ckpt-0 and no --checkpoint is given.
+DEMO_DIR = Path(__file__).resolve().parent / "demo"
 MAX_LEN = 100
 TEMPERATURE = 0.01
 TOP_P = 1.0
@@ -34,10 +40,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Sample continuations of prompts from Grok-1.",
         formatter_class=argparse.HelpFormatter,
     )
-    parser.add_argument("--checkpoint", default=CKPT_PATH,
-                        help="directory holding ckpt-0 (or ckpt-0 itself) (default: %(default)s)")
-    parser.add_argument("--tokenizer", default=TOKENIZER_PATH,
-                        help="SentencePiece tokenizer.model; not needed with --prompt-ids (default: %(default)s)")
+    parser.add_argument("--checkpoint", default=None,
+                        help=f"directory holding ckpt-0 (or ckpt-0 itself) (default: {CKPT_PATH}, or the demo "
+                             "model in demo/ where it has no ckpt-0)")
+    parser.add_argument("--tokenizer", default=None,
+                        help=f"SentencePiece tokenizer.model; not needed with --prompt-ids (default: "
+                             f"{TOKENIZER_PATH}, or the demo model's)")
     parser.add_argument("--config", default=None,
                         help="JSON file with LanguageModelConfig and TransformerConfig objects; "
                              "default: config.json beside the checkpoint, else Grok-1's")
@@ -53,6 +61,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=TOP_K, help="sample among the k most likely tokens; 0 keeps all (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=SEED, help="random seed of the first prompt; prompt i uses seed + i (default: %(default)s)")
     parser.add_argument("--no-stop-at-eos", action="store_true", help="keep generating after the EOS token")
+    parser.add_argument("--score", default=None, metavar="FILE",
+                        help="instead of sampling, print the model's per-token perplexity on the UTF-8 text FILE")
+    parser.add_argument("--score-window", type=int, default=None, metavar="TOKENS",
+                        help="with --score: the most tokens of context per prediction; the text is scored in "
+                             "windows of this many tokens (default: the model's context)")
     parser.add_argument("--data", type=int, default=None,
                         help="data-parallel mesh size per process (default 1)")
     parser.add_argument("--model", type=int, default=None,
@@ -208,6 +221,26 @@ def load_config(args: argparse.Namespace):
         raise SystemExit(f"error: config file {path!r} is invalid: {error}") from None
 
 
+def choose_model(args: argparse.Namespace) -> None:
+    """Fill in --checkpoint and --tokenizer: Grok-1's paths, or the demo model where ckpt-0 is absent."""
+    use_demo = args.checkpoint is None and not (Path(CKPT_PATH) / "ckpt-0").exists()
+    if not use_demo:
+        args.checkpoint = args.checkpoint or CKPT_PATH
+        args.tokenizer = args.tokenizer or TOKENIZER_PATH
+        return
+
+    args.checkpoint = str(DEMO_DIR)
+    args.tokenizer = args.tokenizer or str(DEMO_DIR / "tokenizer.model")
+    logger.warning(
+        "No Grok-1 checkpoint at %s: running the built-in demo model in %s, a 15M-parameter model "
+        "of Grok-1's architecture trained on the King James Bible (demo/README.md). It writes "
+        "Bible-like English, nothing like Grok-1. To run Grok-1, download its weights into %s "
+        "(README.md, 'Getting the weights') and tokenizer.model from github.com/xai-org/grok-1, "
+        "or pass --checkpoint.",
+        os.path.join(CKPT_PATH, "ckpt-0"), DEMO_DIR, CKPT_PATH,
+    )
+
+
 def check_inputs(args: argparse.Namespace) -> None:
     """Report a missing checkpoint or tokenizer before anything heavy starts."""
     import checkpoint
@@ -352,6 +385,73 @@ def run_dry_run(args: argparse.Namespace, config, device_memory) -> None:
         print(format_report(report), flush=True)
 
 
+def read_text_file(path: str) -> str:
+    """Return the UTF-8 text of `path`, or exit with an error naming the file."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except FileNotFoundError:
+        raise SystemExit(f"error: --score file {path!r} not found") from None
+    except IsADirectoryError:
+        raise SystemExit(f"error: --score {path!r} is a directory: give a text file") from None
+    except UnicodeDecodeError as error:
+        raise SystemExit(
+            f"error: --score file {path!r} is not UTF-8 text (byte {error.start}): convert it to UTF-8"
+        ) from None
+    if not text.strip():
+        raise SystemExit(f"error: --score file {path!r} is empty")
+    return text
+
+
+def make_mesh_configs(args: argparse.Namespace):
+    """Return the local (data, model) mesh sizes from --data and --model, or None for the default."""
+    if args.data is None and args.model is None:
+        return None
+    import jax
+
+    data = args.data or 1
+    return data, args.model or max(1, jax.local_device_count() // data)
+
+
+def run_score(args: argparse.Namespace, config, between_hosts) -> None:
+    """Print the model's per-token perplexity on the text file --score."""
+    text = read_text_file(args.score)
+    check_inputs(argparse.Namespace(**{**vars(args), "prompt_ids": None}))
+    if args.score_window is not None and not 1 <= args.score_window <= config.sequence_len:
+        raise SystemExit(
+            f"error: --score-window {args.score_window} is invalid: use 1 to the model's context, "
+            f"{config.sequence_len}"
+        )
+    initialize_distributed(args)
+
+    from checkpoint import CheckpointError
+    from runners import InferenceRunner, ModelRunner, load_tokenizer, score_text
+
+    try:
+        tokenizer = load_tokenizer(args.tokenizer)
+        inference_runner = InferenceRunner(
+            runner=ModelRunner(model=config, checkpoint_path=args.checkpoint),
+            name="local",
+            load=args.checkpoint,
+            local_mesh_config=make_mesh_configs(args),
+            between_hosts_config=between_hosts,
+        )
+        inference_runner.initialize()
+        score = score_text(inference_runner.runner, tokenizer, text, args.score_window)
+    except (CheckpointError, ValueError, OSError) as error:
+        raise SystemExit(f"error: {error}") from None
+
+    if args.json:
+        print(json.dumps({"file": args.score, **score.to_dict()}), flush=True)
+        return
+    print(
+        f"{args.score}: perplexity {score.perplexity:.3f} per token over {score.tokens} tokens "
+        f"({score.mean_nll:.4f} nats/token, {score.bits_per_byte:.4f} bits/byte, "
+        f"windows of {score.window} tokens)",
+        flush=True,
+    )
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -363,6 +463,10 @@ def main(argv=None) -> None:
     device_memory = parse_size(args.device_memory) if args.device_memory is not None else None
     between_hosts = parse_mesh_pair(args.between_hosts, "--between-hosts") if args.between_hosts else None
 
+    if args.dry_run:
+        args.checkpoint = args.checkpoint or CKPT_PATH
+    else:
+        choose_model(args)
     config = load_config(args)
     if args.moe_impl is not None:
         try:
@@ -371,6 +475,10 @@ def main(argv=None) -> None:
             raise SystemExit(f"error: --moe-impl: {error}") from None
     if args.dry_run:
         run_dry_run(args, config, device_memory)
+        return
+
+    if args.score is not None:
+        run_score(args, config, between_hosts)
         return
 
     requests = build_requests(args)
@@ -391,13 +499,7 @@ def main(argv=None) -> None:
     except (ValueError, OSError) as error:
         raise SystemExit(f"error: {error}") from None
 
-    local_mesh_config = None
-    if args.data is not None or args.model is not None:
-        import jax
-
-        data = args.data or 1
-        model = args.model or max(1, jax.local_device_count() // data)
-        local_mesh_config = (data, model)
+    local_mesh_config = make_mesh_configs(args)
 
     inference_runner = InferenceRunner(
         runner=ModelRunner(model=config, checkpoint_path=args.checkpoint),

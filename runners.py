@@ -37,6 +37,10 @@ logger = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "model")
 
+# Tokens per scoring batch: the float32 logits of Grok-1's 131072-token
+# vocabulary take 4.3 GB for 8192 tokens.
+SCORE_TOKENS_PER_BATCH = 8192
+
 # Prompt lengths are padded up to one of these sizes (capped at the model's
 # context), so that prefill compiles once per bucket, not once per length.
 DEFAULT_PAD_SIZES = tuple(2**i for i in range(5, 14))  # 32 ... 8192
@@ -101,6 +105,48 @@ class Completion:
     stop_reason: str
 
 
+@dataclasses.dataclass
+class Score:
+    """How well the model predicts a text, token by token.
+
+    tokens: the number of tokens predicted (all but the first).
+    nll: their summed negative log-likelihood, in nats.
+    num_bytes: UTF-8 bytes of the scored text; 0 where not known.
+    window: the most tokens the model saw at once (see `ModelRunner.score`).
+    """
+
+    tokens: int
+    nll: float
+    num_bytes: int = 0
+    window: int = 0
+
+    @property
+    def mean_nll(self) -> float:
+        """Mean negative log-likelihood per predicted token, in nats."""
+        return self.nll / self.tokens
+
+    @property
+    def perplexity(self) -> float:
+        """`exp(mean_nll)`: the per-token perplexity."""
+        return math.exp(self.mean_nll)
+
+    @property
+    def bits_per_byte(self) -> Optional[float]:
+        """Bits per UTF-8 byte of text, comparable across tokenizers; None without `num_bytes`."""
+        return self.nll / math.log(2) / self.num_bytes if self.num_bytes else None
+
+    def to_dict(self) -> dict:
+        return {
+            "tokens": self.tokens,
+            "nll": self.nll,
+            "mean_nll": self.mean_nll,
+            "perplexity": self.perplexity,
+            "bytes": self.num_bytes,
+            "bits_per_byte": self.bits_per_byte,
+            "window": self.window,
+        }
+
+
 def validate_sampling(request: Request) -> None:
     """Raise ValueError naming the first invalid sampling setting of `request`."""
     if not (math.isfinite(request.temperature) and request.temperature >= 0):
@@ -111,11 +157,11 @@ def validate_sampling(request: Request) -> None:
     if not (0.0 < request.nucleus_p <= 1.0):
         raise ValueError(f"top-p (nucleus_p)={request.nucleus_p} is invalid: use a value in (0, 1]")
     if not (isinstance(request.top_k, (int, np.integer)) and request.top_k >= 0):
-        raise ValueError(f"top_k={request.top_k} is invalid: use 0 (no limit) or a positive integer")
+        raise ValueError(f"top-k (top_k)={request.top_k} is invalid: use 0 (no limit) or a positive integer")
     if not (isinstance(request.max_len, (int, np.integer)) and request.max_len >= 1):
-        raise ValueError(f"max_len={request.max_len} is invalid: use a positive number of tokens")
+        raise ValueError(f"max-len (max_len)={request.max_len} is invalid: use a positive number of tokens")
     if not isinstance(request.rng_seed, (int, np.integer)) or not 0 <= request.rng_seed < 2**32:
-        raise ValueError(f"rng_seed={request.rng_seed!r} is invalid: use an integer from 0 to 2**32 - 1")
+        raise ValueError(f"seed (rng_seed)={request.rng_seed!r} is invalid: use an integer from 0 to 2**32 - 1")
 
 
 def sample_tokens(
@@ -313,6 +359,7 @@ class ModelRunner:
         self.params_sharding = param_shardings(self.params_shape, mesh)
         self._prefill = jax.jit(self._prefill_fn, donate_argnums=(2,))
         self._decode = jax.jit(self._decode_fn, donate_argnums=(2,))
+        self._score_step = jax.jit(self._score_fn, out_shardings=NamedSharding(mesh, P()))
 
     @property
     def max_batch_size(self) -> Optional[int]:
@@ -405,6 +452,59 @@ class ModelRunner:
             out_shardings=NamedSharding(self.mesh, P()),
         )
         return np.asarray(forward(self.params, _put_global(tokens, batch_sharding)))
+
+    def _score_fn(self, params, inputs, targets):
+        """Return the summed NLL and the count of `targets` `[batch, seq]` that are not padding."""
+        logits = self._forward(params, inputs, None, None, None).logits  # float32 [batch, seq, vocab]
+        log_probs = jax.nn.log_softmax(logits, axis=-1)
+        nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+        scored = targets != self.config.pad_token
+        return jnp.sum(jnp.where(scored, nll, 0.0)), jnp.sum(scored)
+
+    def score(self, ids: Sequence[int], window: Optional[int] = None) -> Score:
+        """Return the log-likelihood of `ids` with each token predicted from the ones before it.
+
+        The ids are cut into windows of `window + 1` tokens (default: the
+        context, `sequence_len`) that overlap by one token; each window is one
+        forward pass predicting its last `window` tokens, so a token sees at
+        most `window` tokens of context, and fewer at the start of a window.
+        """
+        config = self.config
+        window = window or config.sequence_len
+        if not 1 <= window <= config.sequence_len:
+            raise ValueError(f"the scoring window {window} must be between 1 and the context, {config.sequence_len}")
+        ids = np.asarray(ids, np.int32)
+        if ids.size < 2:
+            raise ValueError(f"the text has {ids.size} token(s): scoring needs at least 2")
+        bad = ids[(ids <= config.pad_token) | (ids >= config.vocab_size)]
+        if bad.size:
+            raise ValueError(f"token ids {bad[:8].tolist()} are outside {config.pad_token + 1}..{config.vocab_size - 1}")
+
+        # [windows, window + 1], padded at the end of the last window.
+        num_windows = math.ceil((ids.size - 1) / window)
+        padded = np.full(num_windows * window + 1, config.pad_token, np.int32)
+        padded[: ids.size] = ids
+        starts = np.arange(num_windows) * window
+        rows = padded[starts[:, None] + np.arange(window + 1)]
+
+        # Fixed-size batches of windows, so one compiled program serves the whole text.
+        batch = max(1, SCORE_TOKENS_PER_BATCH // window)
+        batch = min(batch, num_windows)
+        total_nll, total_tokens = 0.0, 0
+        for first in range(0, num_windows, batch):
+            chunk = np.full((batch, window + 1), config.pad_token, np.int32)
+            part = rows[first:first + batch]
+            chunk[: len(part)] = part
+            sharding = self.batch_sharding((batch, window))
+            nll, count = self._score_step(
+                self.params,
+                _put_global(chunk[:, :-1], sharding),
+                _put_global(chunk[:, 1:], sharding),
+            )
+            total_nll += float(nll)
+            total_tokens += int(count)
+            logger.debug("scored %d of %d windows", min(first + batch, num_windows), num_windows)
+        return Score(tokens=total_tokens, nll=total_nll, window=window)
 
 
 # ----------------------------------------------------------------------------
@@ -637,6 +737,12 @@ def check_prompt_ids(ids: Sequence[int], config: LanguageModelConfig) -> None:
             f"tokens including at least one new token: shorten it to at most "
             f"{config.sequence_len - 1} tokens"
         )
+
+
+def score_text(runner: ModelRunner, tokenizer, text: str, window: Optional[int] = None) -> Score:
+    """Return `runner.score` of `text` tokenized with `tokenizer`, with its UTF-8 byte count."""
+    score = runner.score(tokenizer.encode(text), window)
+    return dataclasses.replace(score, num_bytes=len(text.encode("utf-8")))
 
 
 def load_tokenizer(path: str):

@@ -1,5 +1,7 @@
 """The forward pass against logits and routing computed by xAI's reference code."""
 
+import re
+
 import haiku as hk
 import jax
 import jax.numpy as jnp
@@ -11,6 +13,7 @@ from model import (
     QuantizedWeight8bit,
     Router,
     TransformerConfig,
+    config_from_dict,
     dequantize,
     ffn_size,
     grok_1_config,
@@ -140,3 +143,36 @@ def test_real_vocab_top16_match_reference():
             gap_below = ref_logits[rank] - ref_logits[rank + 1]
             if min(gap_above, gap_below) >= 0.1:
                 assert order[rank] == ids[rank], f"position {position}, rank {rank}"
+
+
+def minimal_config_dict() -> dict:
+    return {
+        "LanguageModelConfig": {"vocab_size": 64, "pad_token": 0, "eos_token": 2, "sequence_len": 16},
+        "TransformerConfig": {
+            "emb_size": 16, "key_size": 8, "num_q_heads": 2, "num_kv_heads": 1, "num_layers": 2,
+            "num_experts": 8, "num_selected_experts": 2, "shard_activations": True,
+        },
+    }
+
+
+def test_config_from_dict_builds_config():
+    config = config_from_dict(minimal_config_dict())
+    assert config.model.num_layers == 2 and config.model.vocab_size == 64
+
+
+@pytest.mark.parametrize(
+    "section, field, value, message",
+    [
+        ("TransformerConfig", "num_layers", "6", "TransformerConfig.num_layers is '6', not an integer"),
+        ("TransformerConfig", "emb_size", 16.0, "TransformerConfig.emb_size is 16.0, not an integer"),
+        ("TransformerConfig", "num_layers", 0, "TransformerConfig.num_layers is 0: it must be at least 1"),
+        ("TransformerConfig", "shard_activations", 1, "shard_activations is 1, not true or false"),
+        ("LanguageModelConfig", "sequence_len", True, "sequence_len is True, not an integer"),
+        ("LanguageModelConfig", "embedding_multiplier_scale", "8", "embedding_multiplier_scale is '8', not a number"),
+    ],
+)
+def test_config_from_dict_rejects_invalid_field(section, field, value, message):
+    data = minimal_config_dict()
+    data[section][field] = value
+    with pytest.raises(ValueError, match=re.escape(message)):
+        config_from_dict(data)

@@ -112,10 +112,11 @@ def test_missing_tokenizer_says_how_to_get_it(tmp_path):
     [
         (["--temperature", "-1"], "temperature"),
         (["--top-p", "0"], "top-p"),
-        (["--max-len", "0"], "max_len"),
+        (["--max-len", "0"], "max-len (max_len)=0 is invalid"),
+        (["--top-k", "-1"], "top-k (top_k)=-1 is invalid"),
         (["--prompt-ids", "5,x"], "--prompt-ids"),
         (["--prompt-ids", ",".join(["5"] * 300)], "300 tokens"),
-        (["--seed", "-1"], "rng_seed"),
+        (["--seed", "-1"], "seed (rng_seed)=-1 is invalid"),
     ],
 )
 def test_invalid_settings_fail_before_loading(tmp_path, flags, message):
