@@ -902,6 +902,9 @@ def config_from_dict(data: dict) -> LanguageModelConfig:
     missing = [key for key in ("LanguageModelConfig", "TransformerConfig") if key not in data]
     if missing:
         raise ValueError(f"config is missing the {' and '.join(missing)} object(s)")
+    for key in ("LanguageModelConfig", "TransformerConfig"):
+        if not isinstance(data[key], dict):
+            raise ValueError(f"{key} is {data[key]!r}, not a JSON object of fields")
 
     def known_fields(cls, values: dict, skip=()):
         names = {field.name for field in dataclasses.fields(cls)} - set(skip)

@@ -222,23 +222,31 @@ def load_config(args: argparse.Namespace):
 
 
 def choose_model(args: argparse.Namespace) -> None:
-    """Fill in --checkpoint and --tokenizer: Grok-1's paths, or the demo model where ckpt-0 is absent."""
-    use_demo = args.checkpoint is None and not (Path(CKPT_PATH) / "ckpt-0").exists()
-    if not use_demo:
-        args.checkpoint = args.checkpoint or CKPT_PATH
-        args.tokenizer = args.tokenizer or TOKENIZER_PATH
-        return
+    """Fill in --checkpoint and --tokenizer: Grok-1's paths, or the demo model where ckpt-0 is absent.
 
-    args.checkpoint = str(DEMO_DIR)
-    args.tokenizer = args.tokenizer or str(DEMO_DIR / "tokenizer.model")
-    logger.warning(
-        "No Grok-1 checkpoint at %s: running the built-in demo model in %s, a 15M-parameter model "
-        "of Grok-1's architecture trained on the King James Bible (demo/README.md). It writes "
-        "Bible-like English, nothing like Grok-1. To run Grok-1, download its weights into %s "
-        "(README.md, 'Getting the weights') and tokenizer.model from github.com/xai-org/grok-1, "
-        "or pass --checkpoint.",
-        os.path.join(CKPT_PATH, "ckpt-0"), DEMO_DIR, CKPT_PATH,
+    CKPT_PATH is relative to the working directory, as in xAI's run.py. A
+    checkpoint directory with a tokenizer.model in it or beside it (as
+    demo/ has) brings its own tokenizer.
+    """
+    grok_dir = Path(CKPT_PATH)
+    use_demo = args.checkpoint is None and not any(
+        (grok_dir / name).exists() for name in ("ckpt-0", "ckpt")
     )
+    if use_demo:
+        args.checkpoint = str(DEMO_DIR)
+        logger.warning(
+            "No Grok-1 checkpoint at %s: running the built-in demo model in %s, a 15M-parameter "
+            "model of Grok-1's architecture trained on the King James Bible (demo/README.md). It "
+            "writes Bible-like English, nothing like Grok-1. To run Grok-1, download its weights "
+            "into %s (README.md, 'Getting the weights') and tokenizer.model from "
+            "github.com/xai-org/grok-1, or pass --checkpoint.",
+            (grok_dir / "ckpt-0").resolve(), DEMO_DIR, grok_dir.resolve(),
+        )
+    args.checkpoint = args.checkpoint or CKPT_PATH
+    if args.tokenizer is None:
+        checkpoint_dir = Path(args.checkpoint)
+        beside = [checkpoint_dir / "tokenizer.model", checkpoint_dir.parent / "tokenizer.model"]
+        args.tokenizer = next((str(path) for path in beside if path.is_file()), TOKENIZER_PATH)
 
 
 def check_inputs(args: argparse.Namespace) -> None:
@@ -413,6 +421,21 @@ def make_mesh_configs(args: argparse.Namespace):
     return data, args.model or max(1, jax.local_device_count() // data)
 
 
+def check_flag_combinations(args: argparse.Namespace) -> None:
+    """Reject flags that the chosen mode would ignore."""
+    if args.score_window is not None and args.score is None:
+        raise SystemExit("error: --score-window applies only with --score FILE")
+    if args.score is None:
+        return
+    ignored = [
+        flag for flag, given in (
+            ("--prompt", args.prompt), ("--prompt-ids", args.prompt_ids), ("--dry-run", args.dry_run),
+        ) if given
+    ]
+    if ignored:
+        raise SystemExit(f"error: --score scores a file and takes no {' or '.join(ignored)}: drop one of them")
+
+
 def run_score(args: argparse.Namespace, config, between_hosts) -> None:
     """Print the model's per-token perplexity on the text file --score."""
     text = read_text_file(args.score)
@@ -447,7 +470,7 @@ def run_score(args: argparse.Namespace, config, between_hosts) -> None:
     print(
         f"{args.score}: perplexity {score.perplexity:.3f} per token over {score.tokens} tokens "
         f"({score.mean_nll:.4f} nats/token, {score.bits_per_byte:.4f} bits/byte, "
-        f"windows of {score.window} tokens)",
+        f"context window {score.window} tokens)",
         flush=True,
     )
 
@@ -463,6 +486,7 @@ def main(argv=None) -> None:
     device_memory = parse_size(args.device_memory) if args.device_memory is not None else None
     between_hosts = parse_mesh_pair(args.between_hosts, "--between-hosts") if args.between_hosts else None
 
+    check_flag_combinations(args)
     if args.dry_run:
         args.checkpoint = args.checkpoint or CKPT_PATH
     else:

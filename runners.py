@@ -112,7 +112,7 @@ class Score:
     tokens: the number of tokens predicted (all but the first).
     nll: their summed negative log-likelihood, in nats.
     num_bytes: UTF-8 bytes of the scored text; 0 where not known.
-    window: the most tokens the model saw at once (see `ModelRunner.score`).
+    window: the maximum number of tokens in one forward pass (see `ModelRunner.score`).
     """
 
     tokens: int
@@ -465,9 +465,10 @@ class ModelRunner:
         """Return the log-likelihood of `ids` with each token predicted from the ones before it.
 
         The ids are cut into windows of `window + 1` tokens (default: the
-        context, `sequence_len`) that overlap by one token; each window is one
-        forward pass predicting its last `window` tokens, so a token sees at
-        most `window` tokens of context, and fewer at the start of a window.
+        context, `sequence_len`) that overlap by one token. Each window is one
+        forward pass that predicts its last `window` tokens. So a token is
+        predicted from at most `window` tokens of context, and from fewer at
+        the start of a window.
         """
         config = self.config
         window = window or config.sequence_len
@@ -475,7 +476,10 @@ class ModelRunner:
             raise ValueError(f"the scoring window {window} must be between 1 and the context, {config.sequence_len}")
         ids = np.asarray(ids, np.int32)
         if ids.size < 2:
-            raise ValueError(f"the text has {ids.size} token(s): scoring needs at least 2")
+            raise ValueError(
+                f"the text has {ids.size} token(s): scoring needs at least 2, because the first "
+                "token is only context for the next"
+            )
         bad = ids[(ids <= config.pad_token) | (ids >= config.vocab_size)]
         if bad.size:
             raise ValueError(f"token ids {bad[:8].tolist()} are outside {config.pad_token + 1}..{config.vocab_size - 1}")
@@ -740,9 +744,15 @@ def check_prompt_ids(ids: Sequence[int], config: LanguageModelConfig) -> None:
 
 
 def score_text(runner: ModelRunner, tokenizer, text: str, window: Optional[int] = None) -> Score:
-    """Return `runner.score` of `text` tokenized with `tokenizer`, with its UTF-8 byte count."""
-    score = runner.score(tokenizer.encode(text), window)
-    return dataclasses.replace(score, num_bytes=len(text.encode("utf-8")))
+    """Return `runner.score` of `text` tokenized with `tokenizer`, with the bytes it predicted.
+
+    The first token is context only, so its bytes are not counted in
+    `num_bytes`: bits per byte cover the predicted text.
+    """
+    ids = tokenizer.encode(text)
+    score = runner.score(ids, window)
+    first_bytes = len(tokenizer.decode(ids[:1]).encode("utf-8"))
+    return dataclasses.replace(score, num_bytes=len(text.encode("utf-8")) - first_bytes)
 
 
 def load_tokenizer(path: str):

@@ -157,11 +157,47 @@ def test_run_py_score_rejects_bad_files(tmp_path, content, message):
     assert "Traceback" not in result.stderr
 
 
-def test_run_py_uses_checkpoints_dir_when_ckpt0_exists(tmp_path):
-    (tmp_path / "checkpoints" / "ckpt-0").mkdir(parents=True)
+@pytest.mark.parametrize("name", ["ckpt-0", "ckpt"])
+def test_run_py_uses_checkpoints_dir_when_present(tmp_path, name):
+    (tmp_path / "checkpoints" / name).mkdir(parents=True)
     result = run_py("--max-len", "4", cwd=tmp_path)
 
     assert result.returncode != 0
     assert "demo model" not in result.stderr
     assert "Model configuration: Grok-1" in result.stderr
     assert "tokenizer not found at './tokenizer.model'" in result.stderr
+
+
+def test_run_py_checkpoint_demo_uses_its_tokenizer(tmp_path):
+    result = run_py("--checkpoint", str(DEMO), "--max-len", "8", "--temperature", "0", cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert "demo model" not in result.stderr
+    assert result.stdout.startswith("Output for prompt: The answer to life")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--score-window", "5"], "--score-window applies only with --score FILE"),
+        (["--score", "x.txt", "--prompt", "hello"], "--score scores a file and takes no --prompt"),
+        (["--score", "x.txt", "--dry-run"], "takes no --dry-run"),
+    ],
+)
+def test_run_py_rejects_ignored_flags(tmp_path, flags, message):
+    result = run_py(*flags, cwd=tmp_path)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_score_text_counts_predicted_bytes(demo_runner):
+    tokenizer = demo_runner.tokenizer
+    text = "And God said, Let there be light: and there was light."
+    ids = tokenizer.encode(text)
+
+    score = score_text(demo_runner.runner, tokenizer, text)
+
+    first = tokenizer.decode(ids[:1])
+    assert text.startswith(first)
+    assert score.tokens == len(ids) - 1
+    assert score.num_bytes == len(text.encode()) - len(first.encode())

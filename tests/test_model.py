@@ -157,7 +157,8 @@ def minimal_config_dict() -> dict:
 
 def test_config_from_dict_builds_config():
     config = config_from_dict(minimal_config_dict())
-    assert config.model.num_layers == 2 and config.model.vocab_size == 64
+    assert config.model.num_layers == 2
+    assert config.model.vocab_size == 64
 
 
 @pytest.mark.parametrize(
@@ -175,4 +176,13 @@ def test_config_from_dict_rejects_invalid_field(section, field, value, message):
     data = minimal_config_dict()
     data[section][field] = value
     with pytest.raises(ValueError, match=re.escape(message)):
+        config_from_dict(data)
+
+
+@pytest.mark.parametrize("section", ["LanguageModelConfig", "TransformerConfig"])
+@pytest.mark.parametrize("value", [None, [1, 2], "fields"])
+def test_config_from_dict_rejects_non_object_section(section, value):
+    data = minimal_config_dict()
+    data[section] = value
+    with pytest.raises(ValueError, match=f"{section} is .*, not a JSON object of fields"):
         config_from_dict(data)

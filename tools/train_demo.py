@@ -41,10 +41,15 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import sentencepiece
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+try:
+    import optax
+except ImportError:
+    raise SystemExit("error: training needs optax: pip install -r requirements-train.txt") from None
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
 import checkpoint  # noqa: E402
 import model as grok  # noqa: E402
@@ -447,8 +452,11 @@ def sha256(data: bytes) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="demo", help="where the model is written (default: %(default)s)")
+    parser = argparse.ArgumentParser(
+        description="Train the demo model (about an hour on 2 CPU cores) and write it to --out.")
+    parser.add_argument("--out", default=str(REPO / "demo"),
+                        help="where the model is written; files there are replaced (default: the "
+                             "repository's demo/, the shipped model)")
     parser.add_argument("--work-dir", default="build/train_demo",
                         help="where the float32 weights are kept (default: %(default)s)")
     parser.add_argument("--bible", default="bible", help="the bible-kjv reader (default: %(default)s)")
@@ -459,6 +467,8 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     recipe = Recipe(steps=args.steps)
+    if recipe.steps <= recipe.warmup_steps:
+        parser.error(f"--steps {recipe.steps} is invalid: use more than the {recipe.warmup_steps} warmup steps")
     config = demo_config()
     out, work = Path(args.out), Path(args.work_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -480,11 +490,12 @@ def main(argv=None) -> None:
     if args.skip_training:
         like = init_float_params(training_config(config), recipe.seed)
         float_params = load_float_params(params_path, like)
-        report = json.loads((out / "training-report.json").read_text())
-        history, best_step = report["history"], report["best_step"]
+        training = json.loads((work / "training.json").read_text())
+        history, best_step = training["history"], training["best_step"]
     else:
         float_params, history, best_step = train(config, recipe, train_stream, heldout_stream)
         save_float_params(params_path, float_params)
+        (work / "training.json").write_text(json.dumps({"history": history, "best_step": best_step}))
 
     heldout_text = "\n".join(text for _, text in heldout_chapters)
     bf16_score = score_params(config, bfloat16_params(config, float_params), tokenizer, heldout_text)
@@ -496,7 +507,7 @@ def main(argv=None) -> None:
     checkpoint.save_checkpoint(out / "ckpt-0", quantized)
     (out / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
     (out / "tokenizer.model").write_bytes(tokenizer_bytes)
-    # The first held-out chapters, about 8 KB, for the tests.
+    # The first held-out chapters, at least 8 KB, for the tests.
     sample, size = [], 0
     for reference, text in heldout_chapters:
         if size > 8000:
