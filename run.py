@@ -249,8 +249,8 @@ def choose_model(args: argparse.Namespace) -> None:
         args.tokenizer = next((str(path) for path in beside if path.is_file()), TOKENIZER_PATH)
 
 
-def check_inputs(args: argparse.Namespace) -> None:
-    """Report a missing checkpoint or tokenizer before anything heavy starts."""
+def check_inputs(args: argparse.Namespace, needs_tokenizer: bool) -> None:
+    """Report a missing checkpoint, or a missing tokenizer where `needs_tokenizer`, before anything heavy starts."""
     import checkpoint
 
     try:
@@ -258,7 +258,7 @@ def check_inputs(args: argparse.Namespace) -> None:
     except checkpoint.CheckpointError as error:
         raise SystemExit(f"error: {error}") from None
 
-    if args.prompt_ids is None and not os.path.isfile(args.tokenizer):
+    if needs_tokenizer and not os.path.isfile(args.tokenizer):
         raise SystemExit(
             f"error: tokenizer not found at {args.tokenizer!r}. Download tokenizer.model from "
             "xAI's GitHub repository xai-org/grok-1 (it is not in the Hugging Face weights "
@@ -411,14 +411,25 @@ def read_text_file(path: str) -> str:
     return text
 
 
-def make_mesh_configs(args: argparse.Namespace):
-    """Return the local (data, model) mesh sizes from --data and --model, or None for the default."""
-    if args.data is None and args.model is None:
-        return None
-    import jax
+def build_inference_runner(args: argparse.Namespace, config, between_hosts, tokenizer_path):
+    """Return an `InferenceRunner` for --checkpoint on the mesh of --data, --model and --between-hosts."""
+    from runners import InferenceRunner, ModelRunner
 
-    data = args.data or 1
-    return data, args.model or max(1, jax.local_device_count() // data)
+    local_mesh_config = None
+    if args.data is not None or args.model is not None:
+        import jax
+
+        data = args.data or 1
+        local_mesh_config = (data, args.model or max(1, jax.local_device_count() // data))
+
+    return InferenceRunner(
+        runner=ModelRunner(model=config, checkpoint_path=args.checkpoint),
+        name="local",
+        load=args.checkpoint,
+        tokenizer_path=tokenizer_path,
+        local_mesh_config=local_mesh_config,
+        between_hosts_config=between_hosts,
+    )
 
 
 def check_flag_combinations(args: argparse.Namespace) -> None:
@@ -438,27 +449,21 @@ def check_flag_combinations(args: argparse.Namespace) -> None:
 
 def run_score(args: argparse.Namespace, config, between_hosts) -> None:
     """Print the model's per-token perplexity on the text file --score."""
-    text = read_text_file(args.score)
-    check_inputs(argparse.Namespace(**{**vars(args), "prompt_ids": None}))
-    if args.score_window is not None and not 1 <= args.score_window <= config.sequence_len:
-        raise SystemExit(
-            f"error: --score-window {args.score_window} is invalid: use 1 to the model's context, "
-            f"{config.sequence_len}"
-        )
-    initialize_distributed(args)
-
     from checkpoint import CheckpointError
-    from runners import InferenceRunner, ModelRunner, load_tokenizer, score_text
+    from runners import check_score_window, load_tokenizer, score_text
+
+    text = read_text_file(args.score)
+    check_inputs(args, needs_tokenizer=True)
+    if args.score_window is not None:
+        try:
+            check_score_window(args.score_window, config)
+        except ValueError as error:
+            raise SystemExit(f"error: --score-window: {error}") from None
+    initialize_distributed(args)
 
     try:
         tokenizer = load_tokenizer(args.tokenizer)
-        inference_runner = InferenceRunner(
-            runner=ModelRunner(model=config, checkpoint_path=args.checkpoint),
-            name="local",
-            load=args.checkpoint,
-            local_mesh_config=make_mesh_configs(args),
-            between_hosts_config=between_hosts,
-        )
+        inference_runner = build_inference_runner(args, config, between_hosts, tokenizer_path=None)
         inference_runner.initialize()
         score = score_text(inference_runner.runner, tokenizer, text, args.score_window)
     except (CheckpointError, ValueError, OSError) as error:
@@ -506,11 +511,11 @@ def main(argv=None) -> None:
         return
 
     requests = build_requests(args)
-    check_inputs(args)
+    check_inputs(args, needs_tokenizer=args.prompt_ids is None)
     initialize_distributed(args)
 
     from checkpoint import CheckpointError
-    from runners import InferenceRunner, ModelRunner, check_prompt_ids, load_tokenizer, validate_sampling
+    from runners import check_prompt_ids, load_tokenizer, validate_sampling
 
     # Check every request before the weights load, which takes minutes for Grok-1.
     try:
@@ -523,16 +528,8 @@ def main(argv=None) -> None:
     except (ValueError, OSError) as error:
         raise SystemExit(f"error: {error}") from None
 
-    local_mesh_config = make_mesh_configs(args)
-
-    inference_runner = InferenceRunner(
-        runner=ModelRunner(model=config, checkpoint_path=args.checkpoint),
-        name="local",
-        load=args.checkpoint,
-        tokenizer_path=args.tokenizer if os.path.isfile(args.tokenizer) else None,
-        local_mesh_config=local_mesh_config,
-        between_hosts_config=between_hosts,
-    )
+    tokenizer_path = args.tokenizer if os.path.isfile(args.tokenizer) else None
+    inference_runner = build_inference_runner(args, config, between_hosts, tokenizer_path)
     try:
         inference_runner.initialize()
     except (CheckpointError, ValueError, OSError) as error:

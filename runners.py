@@ -107,7 +107,7 @@ class Completion:
 
 @dataclasses.dataclass
 class Score:
-    """How well the model predicts a text, token by token.
+    """The model's log-likelihood of a text, token by token.
 
     tokens: the number of tokens predicted (all but the first).
     nll: their summed negative log-likelihood, in nats.
@@ -472,17 +472,14 @@ class ModelRunner:
         """
         config = self.config
         window = window or config.sequence_len
-        if not 1 <= window <= config.sequence_len:
-            raise ValueError(f"the scoring window {window} must be between 1 and the context, {config.sequence_len}")
+        check_score_window(window, config)
         ids = np.asarray(ids, np.int32)
         if ids.size < 2:
             raise ValueError(
                 f"the text has {ids.size} token(s): scoring needs at least 2, because the first "
                 "token is only context for the next"
             )
-        bad = ids[(ids <= config.pad_token) | (ids >= config.vocab_size)]
-        if bad.size:
-            raise ValueError(f"token ids {bad[:8].tolist()} are outside {config.pad_token + 1}..{config.vocab_size - 1}")
+        check_token_ids(ids, config)
 
         # [windows, window + 1], padded at the end of the last window.
         num_windows = math.ceil((ids.size - 1) / window)
@@ -725,16 +722,27 @@ def _offset_callback(on_token: TokenCallback, offset: int, row: int, token: int)
     on_token(offset + row, token)
 
 
+def check_token_ids(ids: Sequence[int], config: LanguageModelConfig, name: str = "token ids") -> None:
+    """Raise ValueError if any of `ids` is padding or outside the vocabulary."""
+    bad = [int(i) for i in ids if not config.pad_token < i < config.vocab_size]
+    if bad:
+        raise ValueError(
+            f"{name} {bad[:8]} are outside {config.pad_token + 1}.."
+            f"{config.vocab_size - 1} (id {config.pad_token} is padding)"
+        )
+
+
+def check_score_window(window: int, config: LanguageModelConfig) -> None:
+    """Raise ValueError if `window` tokens do not fit the model's context."""
+    if not 1 <= window <= config.sequence_len:
+        raise ValueError(f"the scoring window {window} must be between 1 and the context, {config.sequence_len}")
+
+
 def check_prompt_ids(ids: Sequence[int], config: LanguageModelConfig) -> None:
     """Raise ValueError if the prompt `ids` is empty, has invalid ids or does not fit the context."""
     if not ids:
         raise ValueError("the prompt is empty: give at least one token")
-    bad = [i for i in ids if not config.pad_token < i < config.vocab_size]
-    if bad:
-        raise ValueError(
-            f"prompt token ids {bad[:8]} are outside {config.pad_token + 1}.."
-            f"{config.vocab_size - 1} (id {config.pad_token} is padding)"
-        )
+    check_token_ids(ids, config, "prompt token ids")
     if len(ids) >= config.sequence_len:
         raise ValueError(
             f"the prompt has {len(ids)} tokens, but the context has room for {config.sequence_len} "

@@ -406,24 +406,27 @@ def quantize_params(config: grok.LanguageModelConfig, float_params):
     of scales as Grok-1's: 1 for column-parallel weights, 8 for row-parallel
     ones. Embeddings, norm scales and the router stay float32.
     """
-    layout = hk.transform(lambda tokens: config.make()(tokens))
-    shapes = jax.eval_shape(layout.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
-
     def convert(shape, value):
         if _is_quantized(shape):
             return grok.quantize(value, row_blocks=shape.scales.shape[-2])
         return jnp.asarray(value, jnp.float32)
 
-    return jax.tree_util.tree_map(convert, shapes, float_params, is_leaf=_is_quantized)
+    return jax.tree_util.tree_map(convert, checkpoint_layout(config), float_params, is_leaf=_is_quantized)
 
 
 def bfloat16_params(config, float_params):
     """Return the parameters with linear weights rounded to bfloat16 and not quantized."""
-    quantized = quantize_params(config, float_params)
-    return jax.tree_util.tree_map(
-        lambda q, value: jnp.asarray(value, jnp.bfloat16) if _is_quantized(q) else q,
-        quantized, float_params, is_leaf=_is_quantized,
-    )
+
+    def convert(shape, value):
+        return jnp.asarray(value, jnp.bfloat16 if _is_quantized(shape) else jnp.float32)
+
+    return jax.tree_util.tree_map(convert, checkpoint_layout(config), float_params, is_leaf=_is_quantized)
+
+
+def checkpoint_layout(config: grok.LanguageModelConfig):
+    """Return the checkpoint's parameter tree as `jax.ShapeDtypeStruct`s, linear weights as `QuantizedWeight8bit`."""
+    transformed = hk.transform(lambda tokens: config.make()(tokens))
+    return jax.eval_shape(transformed.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
 
 
 def score_params(config, params, tokenizer, text: str) -> "runners.Score":
